@@ -31,7 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchdit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = build_parser(only=chosen if chosen else "__none__")
     args = parser.parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    module = importlib.import_module(SUBCOMMANDS[args.subcommand][0])
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"switchdit {args.command}: error: {err}", file=sys.stderr)
+        print(f"switchdit {args.subcommand}: error: {err}", file=sys.stderr)
         return 2
 
 

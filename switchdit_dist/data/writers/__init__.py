@@ -1,0 +1,1 @@
+"""Writers behind ``switchdit prepare``: each turns one kind of source into shards + manifest."""

@@ -1,0 +1,282 @@
+"""The training loop: data -> diffusion loss (+ diffusion prior loss) -> DeepSpeed engine -> EMA,
+metrics and checkpoints.
+
+Every random draw of a step (timesteps, noise, label dropout, the prior's unit permutation) comes
+from generators seeded by (seed, rank, step, micro-step), so a resumed run repeats the
+uninterrupted run bit for bit without replaying generator state; the global generator states are
+saved as well for anything else that draws from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from switchdit_dist.config import Config, grad_accumulation, save_resolved
+from switchdit_dist.errors import UserError
+from switchdit_dist.models.flops import train_flops_per_image
+from switchdit_dist.models.prior import DiffusionPriorLoss
+from switchdit_dist.train import checkpoint as ckpt
+from switchdit_dist.train.distributed import DistEnv
+from switchdit_dist.train.ema import EMA
+from switchdit_dist.train.engine import build_engine, expert_placement
+from switchdit_dist.train.faults import FaultInjector
+from switchdit_dist.train.metrics import IntervalStats, MetricsWriter, gate_image, peak_memory_mb
+from switchdit_dist.train.signals import EXIT_CODES, StopRequest
+
+
+def derive_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, env: DistEnv):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.env = env
+        self.faults = FaultInjector(env.rank)
+        self.stop = StopRequest()
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from switchdit_dist.data.loader import LatentLoader
+        from switchdit_dist.diffusion import create_diffusion
+
+        cfg, env = self.config, self.env
+        self.accum = grad_accumulation(cfg, env.world_size)
+        self.model_config = cfg.model.build_config()
+        self.diffusion = create_diffusion(
+            timestep_respacing="",
+            noise_schedule=cfg.diffusion.noise_schedule,
+            learn_sigma=cfg.model.learn_sigma,
+            num_timesteps=cfg.diffusion.num_timesteps,
+        )
+        self.loader = LatentLoader(cfg.data, batch_size=cfg.train.micro_batch, rank=env.rank,
+                                   world_size=env.world_size)
+        expected = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        if tuple(self.loader.latent_shape) != expected:
+            raise UserError(
+                f"data.shards hold latents of shape {tuple(self.loader.latent_shape)} but the model expects "
+                f"{expected} (model.in_channels, model.input_size)"
+            )
+        if self.loader.num_classes > cfg.model.num_classes:
+            raise UserError(
+                f"data has {self.loader.num_classes} classes but model.num_classes={cfg.model.num_classes}"
+            )
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.engine, self.precision = build_engine(cfg, self.model_config, env)
+        self.module = self.engine.module
+        self.placement = expert_placement(self.module)
+        self.ema = EMA(self.module, cfg.train.ema_decay)
+        self.prior = (
+            DiffusionPriorLoss(self.model_config.depth, cfg.model.num_experts, cfg.model.top_k,
+                               cfg.diffusion.num_timesteps)
+            if cfg.model.is_moe and cfg.model.prior_loss_weight > 0
+            else None
+        )
+        self.checkpoints = ckpt.CheckpointManager(self.run_dir, env.rank, cfg.checkpoint.keep)
+        self.flops_per_image = train_flops_per_image(self.model_config)
+        self.peak_flops = _measured_peak_flops(env.device, self.precision)
+
+    def _resume(self) -> int:
+        path = self.checkpoints.resume_point()
+        if path is None:
+            return 0
+        meta = self.checkpoints.check_compatible(path, self.config.model_hash(), vars(self.config.model))
+        if meta["world_size"] != self.env.world_size or meta["ep_size"] != self.config.parallel.ep_size:
+            raise UserError(
+                f"checkpoint {path} was written by {meta['world_size']} process(es) with parallel.ep_size="
+                f"{meta['ep_size']}; this run has {self.env.world_size} with ep_size={self.config.parallel.ep_size}. "
+                "Resume with the same layout (resharding is done by `switchdit reshard`)"
+            )
+        load_path, _ = self.engine.load_checkpoint(str(self.checkpoints.dir), tag=path.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {path}")
+        side = self.checkpoints.load_side_state(path)
+        self.loader.load_state_dict(side["loader"])
+        ckpt.set_rng_state(side["rng"])
+        names = [n for n, _ in self.module.named_parameters()]
+        self.ema.load_state_dict(self.checkpoints.load_ema(path, self.placement, names))
+        return int(side["step"])
+
+    # --- one step --------------------------------------------------------------------------
+
+    def _micro_step(self, batch, step: int, micro: int, stats: IntervalStats) -> None:
+        cfg, env = self.config, self.env
+        device = env.device
+        x0 = batch.latent.to(device, torch.float32)
+        y = batch.cls.to(device)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, env.rank, step, micro))
+        t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        torch.manual_seed(derive_seed(cfg.train.seed, env.rank, step, micro, 1))  # label dropout
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        model_in = x_t.to(torch.bfloat16) if self.precision == "bf16" else x_t
+        routes = None
+        if self.config.model.is_moe:
+            out, gates = self.engine(model_in, t, y, return_gates=True)
+            routes = gates.topk(cfg.model.top_k, dim=-1).indices
+        else:
+            out, gates = self.engine(model_in, t, y), None
+        per_sample = self.diffusion.losses(out.float(), x0, x_t, t, noise)
+        loss = per_sample["loss"].mean()
+        prior_value = 0.0
+        if self.prior is not None:
+            all_t = torch.arange(cfg.diffusion.num_timesteps, device=device)
+            prior_loss = self.prior(gates, t, self.module.gate_probs_for_timesteps(all_t),
+                                    np.random.default_rng(derive_seed(cfg.train.seed, step, micro, 2)))
+            loss = loss + cfg.model.prior_loss_weight * prior_loss
+            prior_value = float(prior_loss.detach())
+        if self.faults.active("nan", step):
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        self.faults.during_step(step)
+        self.engine.step()
+        stats.add_micro(per_sample, prior_value, t, routes)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, env = self.config, self.env
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup()
+        step = self._resume()
+        if env.is_main:
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        writer = MetricsWriter(self.run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.progress,
+                               cfg.train.steps, step)
+        if step > 0:
+            writer.message(f"resumed from step {step} ({self.checkpoints.dir / ckpt.tag_for(step)})")
+        stats = IntervalStats(cfg.diffusion.num_timesteps, self.model_config.depth,
+                              cfg.model.num_experts if cfg.model.is_moe else 1)
+        batches = iter(self.loader)
+        self.stop.install()
+        exit_code = 0
+        last_saved = step
+        interval_start = time.perf_counter()
+        try:
+            while step < cfg.train.steps:
+                step += 1
+                for micro in range(self.accum):
+                    wait_start = time.perf_counter()
+                    batch = next(batches)
+                    compute_start = time.perf_counter()
+                    stats.data_wait += compute_start - wait_start
+                    self._micro_step(batch, step, micro, stats)
+                    stats.compute += time.perf_counter() - compute_start
+                self.ema.update(self.module)
+                stats.steps += 1
+                writer.advance()
+                if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                    self._log(writer, stats, step, time.perf_counter() - interval_start)
+                    stats.reset()
+                    interval_start = time.perf_counter()
+                if cfg.logging.gate_image_every and cfg.model.is_moe and step % cfg.logging.gate_image_every == 0:
+                    self._gate_image(writer, step)
+                signum = self.stop.agreed()
+                due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+                if due or signum or step == cfg.train.steps:
+                    if self._save(step, writer):
+                        last_saved = step
+                    elif cfg.checkpoint.on_write_error == "stop":
+                        raise UserError(
+                            f"checkpoint at step {step} could not be written (see the messages above); "
+                            f"latest complete checkpoint is still step {last_saved}"
+                        )
+                if signum:
+                    exit_code = EXIT_CODES[signum]
+                    writer.message(f"stopping after step {step} on signal {signum}; checkpoint written")
+                    break
+        finally:
+            self.stop.uninstall()
+            writer.close()
+        if exit_code == 0 and env.is_main:
+            print(f"training finished at step {step}; run directory {self.run_dir}", flush=True)
+        return exit_code
+
+    def _save(self, step: int, writer: MetricsWriter) -> bool:
+        cfg = self.config
+        side = {
+            "step": step,
+            "loader": self.loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config_hash": cfg.model_hash(),
+            "rank": self.env.rank,
+            "world_size": self.env.world_size,
+        }
+        meta = {
+            "step": step,
+            "world_size": self.env.world_size,
+            "ep_size": cfg.parallel.ep_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "model": vars(cfg.model),
+            "model_hash": cfg.model_hash(),
+        }
+        hook = None
+        if self.faults.active("crash_in_checkpoint", step):
+            def hook(s):
+                os.kill(os.getpid(), 9)
+        elif self.faults.active("checkpoint_write_error", step):
+            def hook(s):
+                raise OSError(28, "No space left on device (injected)")
+        path = self.checkpoints.save(self.engine, step, side, self.ema.state_dict(), self.placement, meta, hook)
+        return path is not None
+
+    def _log(self, writer: MetricsWriter, stats: IntervalStats, step: int, elapsed: float) -> None:
+        record: dict[str, Any] = stats.reduce()
+        samples = record.pop("samples")
+        record["grad_norm"] = _float_or_nan(self.engine.get_global_grad_norm())
+        record["lr"] = float(self.engine.get_lr()[0])
+        record["img_per_s"] = samples / max(elapsed, 1e-9)
+        record["tokens_per_s"] = record["img_per_s"] * self.model_config.num_patches
+        record["step_time_s"] = elapsed / max(stats.steps, 1)
+        record["data_wait_s"] = stats.data_wait / max(stats.steps, 1)
+        record["compute_s"] = stats.compute / max(stats.steps, 1)
+        record["peak_mem_mb"] = peak_memory_mb(self.env.device)
+        if self.peak_flops:
+            achieved = record["img_per_s"] * self.flops_per_image / self.env.world_size
+            record["mfu"] = achieved / self.peak_flops
+        writer.log(step, record)
+
+    def _gate_image(self, writer: MetricsWriter, step: int) -> None:
+        if not writer.enabled:
+            return
+        probs = self.module.gate_probs_for_timesteps(
+            torch.arange(self.config.diffusion.num_timesteps, device=self.env.device)
+        ).float().cpu()
+        writer.image("routing/gate_probs", gate_image(probs), step)
+
+
+def _float_or_nan(value) -> float:
+    if value is None:
+        return math.nan
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _measured_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Matmul throughput of this GPU in the training dtype (the MFU denominator); None on CPU."""
+    if device.type != "cuda":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)

@@ -1,0 +1,50 @@
+"""Stop requests from signals, agreed on by all ranks at a step boundary.
+
+SIGUSR2 is SLURM's early warning before a time limit or preemption (USR1 is avoided because
+NCCL may use it); SIGTERM comes from scancel, preemption without warning or the launcher;
+SIGINT from Ctrl-C. A handler only records the request: the training loop checks it between
+steps with one all-reduce, so every rank stops after the same step and writes the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+# Exit codes after a signal-triggered checkpoint. 3 tells the SLURM script to requeue the job.
+EXIT_REQUEUE = 3
+EXIT_CODES = {signal.SIGUSR2: EXIT_REQUEUE, signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in EXIT_CODES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        # Keep the most urgent request: TERM/INT win over the early warning.
+        if self.signum == 0 or signum != signal.SIGUSR2:
+            self.signum = signum
+
+    def agreed(self) -> int:
+        """The signal any rank received (0 if none), identical on every rank."""
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Encode precedence so that MAX picks TERM/INT over USR2 when ranks disagree.
+            order = {0: 0, int(signal.SIGUSR2): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
+            inverse = {v: k for k, v in order.items()}
+            flag = torch.tensor([order[self.signum]], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return inverse[int(flag.item())]
+        return int(flag.item())
