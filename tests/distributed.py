@@ -20,6 +20,11 @@ import traceback
 import torch.multiprocessing as mp
 
 
+# torch._dynamo is imported by the first torch optimizer, the muon module by DeepSpeed's optimizer
+# checks (it runs torch.compile at import): together about 10 s per process on a busy 2-core box.
+PRELOAD = ("torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -59,10 +64,10 @@ def _entry(fn, rank: int, world_size: int, port: int, args: tuple, results) -> N
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 120.0) -> list:
-    # Fresh interpreters forked from one server that has imported torch (and the caller's
-    # module) once: a clean single-threaded parent, without paying the imports per process.
+    # Processes forked from one single-threaded server that did the slow imports once per
+    # session (the first call of a session pays them), instead of once per process.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", fn.__module__])
+    ctx.set_forkserver_preload([*PRELOAD, fn.__module__])
     results = ctx.Queue()
     port = free_port()
     procs = [

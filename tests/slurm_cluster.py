@@ -66,6 +66,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def node_name() -> str:
+    """The short host name when it resolves (jobs use node names as rendezvous addresses)."""
+    name = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(name)
+    except OSError:
+        return "localhost"
+    return name
+
+
 def total_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
 
@@ -201,6 +211,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=10
+SlurmdParameters=config_overrides
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -243,8 +254,9 @@ def start_cluster(root: Path) -> LocalSlurm:
     root.chmod(0o755)
     for sub in ("state", "spool", "run", "log"):
         (root / sub).mkdir()
-    node = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
+    node = node_name()
+    # Two ranks need two CPUs; config_overrides keeps slurmd from draining a smaller machine.
+    cpus = max(2, os.cpu_count() or 1)
     cluster = LocalSlurm(root=root, node=node, cpus=cpus, env={})
     try:
         cluster.processes["munged"], sock = start_munge(root)
@@ -252,8 +264,9 @@ def start_cluster(root: Path) -> LocalSlurm:
         path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)
         cluster.env = dict(os.environ, SLURM_CONF=str(conf), PATH=path)
         for daemon in ("slurmctld", "slurmd"):
+            argv = [_find(daemon), "-D"] + (["-N", node] if daemon == "slurmd" else [])
             cluster.processes[daemon] = subprocess.Popen(
-                [_find(daemon), "-D"],
+                argv,
                 env=cluster.env,
                 stdout=open(root / "log" / f"{daemon}.stdout", "w"),
                 stderr=subprocess.STDOUT,

@@ -92,7 +92,7 @@ def test_missing_data_path_is_reported(tmp_path):
 
 def test_valid_layout_passes(shards):
     validate(load(shards=shards), world_size=2)
-    validate(load("parallel.ep_size=4", shards=shards), world_size=4)
+    validate(load("parallel.ep_size=4", "train.micro_batch=4", shards=shards), world_size=4)
 
 
 def test_cli_prints_one_line_error(tmp_path, capsys):

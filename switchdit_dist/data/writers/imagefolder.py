@@ -118,7 +118,7 @@ def load_vae(folder: str, device: torch.device):
         raise UserError(f"--vae: {folder} is not a saved AutoencoderKL (no config.json; expected the output "
                         f"of save_pretrained or a downloaded VAE folder)")
     try:
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
         raise UserError(f"--vae: cannot load an AutoencoderKL from {folder}: {err}") from None
     return vae.to(device).eval().requires_grad_(False)

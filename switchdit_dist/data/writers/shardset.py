@@ -133,7 +133,10 @@ def write_shard_set(
                     )
                 if not 0 <= int(cls) < spec.num_classes:
                     raise UserError(f"sample '{key}': class {cls} outside [0, {spec.num_classes})")
-                tar.write(encode_sample(key, latent.astype(dtype, copy=False), int(cls), meta))
+                stored = latent.astype(dtype, copy=False)
+                if not np.isfinite(stored).all():  # also catches float16 overflow of the cast
+                    raise UserError(f"sample '{key}' ({meta or {}}): latent has NaN or Inf values as {dtype.name}")
+                tar.write(encode_sample(key, stored, int(cls), meta))
                 count += 1
         if count != stop - start:
             raise RuntimeError(f"{name}: the source produced {count} samples for [{start}, {stop})")
