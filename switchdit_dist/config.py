@@ -97,6 +97,7 @@ class TrainSection:
     micro_batch: int = 32  # per rank and forward pass; accumulation makes up the rest
     seed: int = 0
     ema_decay: float = 0.9999
+    max_consecutive_nonfinite: int = 10  # skipped (NaN/Inf) steps in a row before the run stops
 
 
 @dataclass

@@ -56,8 +56,11 @@ BAD_SAMPLES = {
         "NaN or Inf",
     ),
     "inf": (
-        {"__key__": "bad", "latent.npy": encode_latent(np.full(SHAPE, np.inf, np.float16).astype(np.float32)),
-         "cls": b"1"},
+        {
+            "__key__": "bad",
+            "latent.npy": encode_latent(np.full(SHAPE, np.inf, np.float16).astype(np.float32)),
+            "cls": b"1",
+        },
         "contains 256 NaN or Inf values",
     ),
     "class out of range": (
@@ -76,7 +79,9 @@ BAD_SAMPLES = {
 def test_bad_sample_stops_with_shard_and_key(data, case):
     sample, message = BAD_SAMPLES[case]
     shard = data / "train-000001.tar"
-    rewrite_shard(shard, [good(f"ok{i}") for i in range(3)] + [sample] + [good(f"ok{i}") for i in range(3, 5)])
+    rewrite_shard(
+        shard, [good(f"ok{i}") for i in range(3)] + [sample] + [good(f"ok{i}") for i in range(3, 5)]
+    )
     with pytest.raises(DataError) as err:
         run_all(DataConfig(shards=str(data), shuffle_shards=False))
     assert str(err.value).startswith(f"{shard}: sample 'bad': ")
@@ -131,18 +136,40 @@ def test_skip_stops_once_max_errors_is_exceeded(data):
     nan, _ = BAD_SAMPLES["nan"]
     rewrite_shard(data / "train-000001.tar", [good("a"), nan, good("b"), nan, good("c"), good("d")])
     config = DataConfig(shards=str(data), shuffle_shards=False, on_error="skip", max_errors=1)
-    with pytest.raises(UserError, match=r"more than data.max_errors=1 .* the last: .*train-000001\.tar: sample 'bad'"):
+    with pytest.raises(
+        UserError, match=r"more than data.max_errors=1 .* the last: .*train-000001\.tar: sample 'bad'"
+    ):
         run_all(config)
 
 
 def test_skipped_truncated_shard_is_topped_up_to_equal_steps(data, caplog):
     shard = data / "train-000002.tar"
-    shard.write_bytes(shard.read_bytes()[:3000])
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut inside its first sample
     config = DataConfig(shards=str(data), shuffle_shards=False, on_error="skip")
     with caplog.at_level(logging.WARNING):
-        loader, batches = run_all(config, batch_size=3)
-    assert len(batches) == loader.steps_per_epoch == 6  # 18 listed samples, fewer readable
-    assert loader.error_count >= 1 and "topping up" in caplog.text
+        loader, batches = run_all(config, batch_size=3, batches=8)
+    assert loader.steps_per_epoch == 6  # 18 listed samples, 12 readable: 6 come from a second pass
+    assert "topping up" in caplog.text
+    keys = [k for b in batches for k in b.keys]
+    assert len(set(keys[:12])) == 12 and set(keys[12:18]) <= set(keys[:12])
+    # resuming inside the top-up pass gives the same batches
+    stopped, _ = run_all(config, batch_size=3, batches=5)
+    resumed = LatentLoader(config, batch_size=3, rank=0, world_size=1)
+    resumed.load_state_dict(json.loads(json.dumps(stopped.state_dict())))
+    assert stopped.state_dict()["pass"] == 1
+    after = [k for b in itertools.islice(iter(resumed), 3) for k in b.keys]
+    assert keys[:15] + after == keys
+
+
+def test_state_from_another_layout_starts_the_next_epoch(data, caplog):
+    config = DataConfig(shards=str(data), shuffle_buffer=3)
+    loader, _ = run_all(config, batches=2)
+    other = LatentLoader(config, batch_size=3, rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(loader.state_dict())
+    assert "layout changed (batch_size)" in caplog.text and other.state_dict()["epoch"] == 1
+    with pytest.raises(UserError, match="loader state: expected a dict from LatentLoader.state_dict"):
+        other.load_state_dict({"epoch": 3})
 
 
 def test_error_count_survives_resume(data):
@@ -170,7 +197,10 @@ def test_manifest_not_json(data):
     "edit,message",
     [
         (lambda m: m.pop("latent_shape"), "missing key 'latent_shape'"),
-        (lambda m: m.update(latent_dtype="int8"), "key 'latent_dtype': expected one of ['float16', 'float32']"),
+        (
+            lambda m: m.update(latent_dtype="int8"),
+            "key 'latent_dtype': expected one of ['float16', 'float32']",
+        ),
         (lambda m: m.update(num_classes=0), "key 'num_classes': expected a positive integer"),
         (lambda m: m["shards"].append({"name": "x.tar"}), "key 'shards[3]': expected an object"),
     ],
@@ -181,8 +211,9 @@ def test_manifest_bad_key_is_named(data, edit, message):
     edit(manifest)
     path.write_text(json.dumps(manifest))
     with pytest.raises(UserError) as err:
-        LatentLoader(DataConfig(shards=str(data / "train-{000000..000002}.tar")), batch_size=2, rank=0,
-                     world_size=1)
+        LatentLoader(
+            DataConfig(shards=str(data / "train-{000000..000002}.tar")), batch_size=2, rank=0, world_size=1
+        )
     assert str(path) in str(err.value) and message in str(err.value)
 
 
@@ -190,7 +221,9 @@ def test_missing_manifest_and_missing_shards(tmp_path, data):
     (data / "manifest.json").unlink()
     with pytest.raises(UserError, match=r"data.shards: no manifest for shard .* prepare manifest"):
         validate(DataConfig(shards=str(data / "train-{000000..000002}.tar")))
-    with pytest.raises(UserError, match=r"data.shards: 2 of 5 shard files do not exist, e.g. .*train-000003\.tar"):
+    with pytest.raises(
+        UserError, match=r"data.shards: 2 of 5 shard files do not exist, e.g. .*train-000003\.tar"
+    ):
         validate(DataConfig(shards=str(data / "train-{000000..000004}.tar")))
     with pytest.raises(UserError, match=r"data.shards: .*manifest.json: cannot read the manifest"):
         validate(DataConfig(shards=str(tmp_path / "elsewhere" / "manifest.json")))

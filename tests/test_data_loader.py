@@ -5,9 +5,7 @@ import json
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from switchdit_dist.cli import main as cli_main
 from switchdit_dist.data.config import DataConfig
 from switchdit_dist.data.loader import LatentLoader
 from switchdit_dist.data.plan import min_rank_samples, reader_task
@@ -37,17 +35,22 @@ def epoch_keys(config, world, batch, epochs):
             assert b.latent.shape == (batch, 4, 8, 8) and b.latent.dtype.is_floating_point
             check_batch_content(b)
         steps = loader.steps_per_epoch
-        result.append([[k for b in batches[e * steps : (e + 1) * steps] for k in b.keys] for e in range(epochs)])
+        result.append(
+            [[k for b in batches[e * steps : (e + 1) * steps] for k in b.keys] for e in range(epochs)]
+        )
     return result
 
 
 @pytest.mark.slow
 def test_two_ranks_two_workers_uneven_shards(tmp_path):
     write_synthetic(tmp_path, UNEVEN)
-    config = DataConfig(shards=str(tmp_path / "train-{000000..000008}.tar"), num_workers=2, shuffle_buffer=6,
-                        seed=3)
+    config = DataConfig(
+        shards=str(tmp_path / "train-{000000..000008}.tar"), num_workers=2, shuffle_buffer=6, seed=3
+    )
     world, batch = 2, 4
-    steps = {LatentLoader(config, batch_size=batch, rank=r, world_size=world).steps_per_epoch for r in range(2)}
+    steps = {
+        LatentLoader(config, batch_size=batch, rank=r, world_size=world).steps_per_epoch for r in range(2)
+    }
     assert len(steps) == 1  # the same number of steps on every rank
     (steps,) = steps
     assert steps == min_rank_samples(UNEVEN, world, 2) // batch
@@ -58,7 +61,9 @@ def test_two_ranks_two_workers_uneven_shards(tmp_path):
         assert len(seen) == len(set(seen)) == world * steps * batch  # nobody sees a sample twice
         for rank in range(world):
             # a rank reads only its own shards, and leaves out no more than the cut to equal steps
-            shards = [s for w in range(2) for s in reader_task(UNEVEN, 3, epoch, True, rank, world, w, 2).shards]
+            shards = [
+                s for w in range(2) for s in reader_task(UNEVEN, 3, epoch, True, rank, world, w, 2).shards
+            ]
             own = {synthetic_key(n) for s in shards for n in range(first[s], first[s + 1])}
             assert set(keys[rank][epoch]) <= own
             assert len(own) - len(keys[rank][epoch]) == sum(UNEVEN[s] for s in shards) - steps * batch

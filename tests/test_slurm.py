@@ -265,6 +265,23 @@ def test_early_warning_checkpoints_requeues_and_resumes_identically(slurm, digit
     assert json.loads((newest / "meta.json").read_text())["step"] == STEPS
 
 
+def test_resubmitting_a_run_with_another_layout_is_refused(slurm, digits, reference_run, capsys, monkeypatch):
+    _, paths, state = reference_run
+    assert state == "COMPLETED", batch_log(paths)
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    run_dir = Path(paths["checkpoints"]).parent
+    script_before = (run_dir / "job.sbatch").read_text()
+    # Four ranks instead of the checkpoint's two (a valid layout on its own).
+    argv = submit_args(run_dir, digits, "--nodes", "2", overrides=("train.micro_batch=4",))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"resumes from step_{STEPS:08d}, written by 2 ranks with parallel.ep_size=2" in err
+    assert "this submission has 4 ranks" in err
+    assert (run_dir / "job.sbatch").read_text() == script_before
+    assert slurm.queued_jobs() == []
+
+
 # --- the batch script's bookkeeping, with a stand-in for the trainer --------------------------------
 # These edit the rendered script by hand (as a user may) so that each rank runs a short shell
 # command with a chosen outcome; the trainer's own side of the protocol is covered above.

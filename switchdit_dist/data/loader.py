@@ -28,7 +28,7 @@ import torch
 
 from switchdit_dist.data.config import DataConfig, resolve_shards, validate
 from switchdit_dist.data.errors import DataError
-from switchdit_dist.data.plan import ReaderTask, reader_task, steps_per_epoch
+from switchdit_dist.data.plan import ReaderTask, reader_task, splits_by_shard, steps_per_epoch
 from switchdit_dist.data.reader import ReaderSpec, Sample, read_task
 from switchdit_dist.errors import UserError
 
@@ -179,6 +179,14 @@ class LatentLoader:
         self.steps_per_epoch: int = steps_per_epoch(
             shards.counts, world_size, self.readers, batch_size, "data.shards"
         )
+        if not splits_by_shard(len(shards.urls), world_size, self.readers):
+            log.info(
+                "data.shards: %d shards for %d ranks x %d readers: every reader reads all shards and "
+                "keeps its share of the samples",
+                len(shards.urls),
+                world_size,
+                self.readers,
+            )
         self._spec = ReaderSpec(
             urls=tuple(shards.urls),
             counts=tuple(shards.counts),

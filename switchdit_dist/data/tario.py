@@ -100,8 +100,9 @@ def iter_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         got = len(data) + (len(stream.read(pad)) if pad and len(data) == size else 0)
         if got < size + pad:
             raise DataError(
-                shard, None, f"truncated tar: member '{name}' at byte {offset} is cut short "
-                f"({got} of {size + pad} bytes)"
+                shard,
+                None,
+                f"truncated tar: member '{name}' at byte {offset} is cut short ({got} of {size + pad} bytes)",
             )
         offset += BLOCK + size + pad
         if kind == b"L":
@@ -128,8 +129,9 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, bytes | str]]:
         sample: dict[str, bytes | str] | None = None
         for name, data in iter_members(stream, url):
             key, ext = split_name(name)
-            if posixpath.basename(key).startswith("__"):
-                continue  # webdataset metadata members
+            base = posixpath.basename(name)
+            if base.startswith("__") and base.endswith("__"):
+                continue  # webdataset metadata members such as __key__
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample

@@ -149,6 +149,7 @@ def _save_atomically(model: DigitsClassifier, heldout_accuracy: float, path: Pat
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache directory may be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -20,7 +20,8 @@ def preprocess_digits(raw: np.ndarray) -> torch.Tensor:
     """Raw digits [N, 8, 8] in 0..16 -> [N, 1, 16, 16] float32 in [-1, 1]."""
     x = torch.as_tensor(np.asarray(raw, dtype=np.float32)).reshape(-1, 1, 8, 8)
     x = x / 16.0 * 2.0 - 1.0
-    return F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    return x.clamp_(-1.0, 1.0)
 
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:

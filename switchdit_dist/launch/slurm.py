@@ -189,6 +189,32 @@ def check_submit_config(sub: SubmitConfig):
     return config
 
 
+def check_resume_layout(run_dir: Path, config, world_size: int) -> None:
+    """A run directory with a checkpoint resumes from it: the layout and model must match it.
+
+    The trainer refuses a mismatch too, but only after the job has waited in the queue.
+    """
+    import json
+
+    from switchdit_dist.train.checkpoint import find_resume_point
+
+    checkpoint = find_resume_point(run_dir / "checkpoints")
+    if checkpoint is None or not (checkpoint / "meta.json").is_file():
+        return
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    if meta.get("model_hash") not in (None, config.model_hash()):
+        raise UserError(
+            f"--run-dir {run_dir} holds checkpoint {checkpoint.name} of a different model (model section "
+            "changed); use a new --run-dir or the model settings it was trained with"
+        )
+    if meta.get("world_size", world_size) != world_size or meta.get("ep_size") != config.parallel.ep_size:
+        raise UserError(
+            f"--run-dir {run_dir} resumes from {checkpoint.name}, written by {meta.get('world_size')} ranks "
+            f"with parallel.ep_size={meta.get('ep_size')}; this submission has {world_size} ranks with "
+            f"parallel.ep_size={config.parallel.ep_size}. Submit the same layout or use a new --run-dir"
+        )
+
+
 # --- rendering ---------------------------------------------------------------------------------
 
 
@@ -296,6 +322,7 @@ def submit(sub: SubmitConfig, dry_run: bool = False) -> str | None:
 
     config = check_submit_config(sub)
     run_dir = (sub.run_dir or default_run_dir(sub.config)).absolute()
+    check_resume_layout(run_dir, config, sub.world_size)
     script = render_script(sub, run_dir)
     if dry_run:
         print(script, end="")

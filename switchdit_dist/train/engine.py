@@ -10,6 +10,7 @@ from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.registry import build_model
 from switchdit_dist.train.checkpoint import ExpertPlacement
 from switchdit_dist.train.distributed import DistEnv
+from switchdit_dist.train.finite_guard import make_guarded
 
 
 def resolve_precision(config: Config, device: torch.device) -> str:
@@ -53,7 +54,7 @@ def build_engine(config: Config, model_config: DiTConfig, env: DistEnv):
     if config.model.is_moe:
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     o = config.optim
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = make_guarded(torch.optim.AdamW)(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -64,7 +65,7 @@ def build_engine(config: Config, model_config: DiTConfig, env: DistEnv):
         lr_scheduler=scheduler,
         config=deepspeed_config(config, env.world_size, precision),
     )
-    return engine, precision
+    return engine, precision, optimizer
 
 
 def expert_placement(module: torch.nn.Module) -> ExpertPlacement:

@@ -43,6 +43,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.env = env
         self.faults = FaultInjector(env.rank)
+        self.skipped_total = 0
+        self.nonfinite_batch: list[dict] = []
         self.stop = StopRequest()
 
     # --- set-up ----------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class Trainer:
                 f"data has {self.loader.num_classes} classes but model.num_classes={cfg.model.num_classes}"
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine, self.precision = build_engine(cfg, self.model_config, env)
+        self.engine, self.precision, self.guard = build_engine(cfg, self.model_config, env)
         self.module = self.engine.module
         self.placement = expert_placement(self.module)
         self.ema = EMA(self.module, cfg.train.ema_decay)
@@ -105,6 +107,7 @@ class Trainer:
         side = self.checkpoints.load_side_state(path)
         self.loader.load_state_dict(side["loader"])
         ckpt.set_rng_state(side["rng"])
+        self.skipped_total = int(side.get("skipped_total", 0))
         names = [n for n, _ in self.module.named_parameters()]
         self.ema.load_state_dict(self.checkpoints.load_ema(path, self.placement, names))
         return int(side["step"])
@@ -141,7 +144,10 @@ class Trainer:
             loss = loss * float("nan")
         self.engine.backward(loss)
         self.faults.during_step(step)
+        self.guard.last_step_skipped = False
         self.engine.step()
+        self.nonfinite_batch.append({"micro": micro, "t": t.tolist(), "keys": list(batch.keys),
+                                     "loss": float(loss.detach())})
         stats.add_micro(per_sample, prior_value, t, routes)
 
     # --- the loop --------------------------------------------------------------------------
@@ -163,10 +169,12 @@ class Trainer:
         self.stop.install()
         exit_code = 0
         last_saved = step
+        consecutive_skips = 0
         interval_start = time.perf_counter()
         try:
             while step < cfg.train.steps:
                 step += 1
+                self.nonfinite_batch = []
                 for micro in range(self.accum):
                     wait_start = time.perf_counter()
                     batch = next(batches)
@@ -174,7 +182,20 @@ class Trainer:
                     stats.data_wait += compute_start - wait_start
                     self._micro_step(batch, step, micro, stats)
                     stats.compute += time.perf_counter() - compute_start
-                self.ema.update(self.module)
+                if self._step_was_skipped():
+                    stats.skipped += 1
+                    consecutive_skips += 1
+                    self._report_nonfinite(step, writer)
+                    if consecutive_skips > cfg.train.max_consecutive_nonfinite:
+                        raise UserError(
+                            f"{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or "
+                            f"gradient (limit train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
+                            f"stopping. The last good checkpoint is step {last_saved} "
+                            f"({self.checkpoints.dir / ckpt.tag_for(last_saved)}); see {self.run_dir}/nonfinite.jsonl"
+                        )
+                else:
+                    consecutive_skips = 0
+                    self.ema.update(self.module)
                 stats.steps += 1
                 writer.advance()
                 if step % cfg.logging.every == 0 or step == cfg.train.steps:
@@ -204,6 +225,22 @@ class Trainer:
             print(f"training finished at step {step}; run directory {self.run_dir}", flush=True)
         return exit_code
 
+    def _step_was_skipped(self) -> bool:
+        # DeepSpeed skips by itself under some ZeRO stages/precisions (engine.was_step_applied);
+        # the optimizer guard covers the others. Both decisions are the same on every rank.
+        return self.guard.last_step_skipped or not self.engine.was_step_applied()
+
+    def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
+        """Every rank records its own batch (timesteps, sample keys) of the skipped step."""
+        import json
+
+        self.skipped_total += 1
+        record = {"step": step, "rank": self.env.rank, "micro_batches": self.nonfinite_batch}
+        with open(self.run_dir / "nonfinite.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer.message(f"step {step}: non-finite loss or gradient; optimizer and EMA update skipped "
+                       f"({self.skipped_total} skipped so far; batches in {self.run_dir / 'nonfinite.jsonl'})")
+
     def _save(self, step: int, writer: MetricsWriter) -> bool:
         cfg = self.config
         side = {
@@ -211,6 +248,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": ckpt.rng_state(),
             "config_hash": cfg.model_hash(),
+            "skipped_total": self.skipped_total,
             "rank": self.env.rank,
             "world_size": self.env.world_size,
         }
@@ -237,6 +275,7 @@ class Trainer:
         samples = record.pop("samples")
         record["grad_norm"] = _float_or_nan(self.engine.get_global_grad_norm())
         record["lr"] = float(self.engine.get_lr()[0])
+        record["skipped_steps"] = self.skipped_total
         record["img_per_s"] = samples / max(elapsed, 1e-9)
         record["tokens_per_s"] = record["img_per_s"] * self.model_config.num_patches
         record["step_time_s"] = elapsed / max(stats.steps, 1)

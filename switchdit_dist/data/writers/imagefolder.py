@@ -115,8 +115,10 @@ def load_vae(folder: str, device: torch.device):
     from diffusers import AutoencoderKL
 
     if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"--vae: {folder} is not a saved AutoencoderKL (no config.json; expected the output "
-                        f"of save_pretrained or a downloaded VAE folder)")
+        raise UserError(
+            f"--vae: {folder} is not a saved AutoencoderKL (no config.json; expected the output "
+            f"of save_pretrained or a downloaded VAE folder)"
+        )
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
@@ -134,8 +136,10 @@ def write_imagefolder(opts: ImageFolderOptions, log=print) -> ShardSetResult:
     vae = load_vae(opts.vae, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if opts.resolution < 1 or opts.resolution % factor:
-        raise UserError(f"--resolution: expected a multiple of the VAE's downsampling factor {factor} "
-                        f"(256 or 512 for ImageNet), got {opts.resolution}")
+        raise UserError(
+            f"--resolution: expected a multiple of the VAE's downsampling factor {factor} "
+            f"(256 or 512 for ImageNet), got {opts.resolution}"
+        )
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     side = opts.resolution // factor
@@ -173,9 +177,9 @@ def write_imagefolder(opts: ImageFolderOptions, log=print) -> ShardSetResult:
         posterior = vae.encode(x).latent_dist
         z = posterior.mean
         if opts.sample_posterior:
-            noise = torch.stack([
-                torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in noise_seeds
-            ]).to(device)
+            noise = torch.stack(
+                [torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in noise_seeds]
+            ).to(device)
             z = z + posterior.std * noise
         return ((z - shift) * scale).float().cpu().numpy()
 
@@ -199,8 +203,10 @@ def write_imagefolder(opts: ImageFolderOptions, log=print) -> ShardSetResult:
             loaded = {i: p for i, p in loaded.items() if i >= keep}
 
     try:
-        log(f"{len(paths)} images in {len(classes)} classes -> {spec.total} samples, "
-            f"latents {list(spec.latent_shape)} on {device}")
+        log(
+            f"{len(paths)} images in {len(classes)} classes -> {spec.total} samples, "
+            f"latents {list(spec.latent_shape)} on {device}"
+        )
         return write_shard_set(opts.out, spec, produce, log=log)
     finally:
         if pool is not None:

@@ -42,17 +42,21 @@ def _first_latent_format(path: Path) -> tuple[tuple[int, int, int], str]:
         if isinstance(data, bytes):
             array = np.load(io.BytesIO(data), allow_pickle=False)
             if array.ndim != 3:
-                raise UserError(f"{path}: sample '{raw['__key__']}': latent shape {list(array.shape)}, "
-                                f"expected [C, H, W]")
+                raise UserError(
+                    f"{path}: sample '{raw['__key__']}': latent shape {list(array.shape)}, expected [C, H, W]"
+                )
             if array.dtype.name not in ("float16", "float32"):
-                raise UserError(f"{path}: sample '{raw['__key__']}': latent dtype {array.dtype.name}, "
-                                f"expected float16 or float32")
+                raise UserError(
+                    f"{path}: sample '{raw['__key__']}': latent dtype {array.dtype.name}, "
+                    f"expected float16 or float32"
+                )
             return (array.shape[0], array.shape[1], array.shape[2]), array.dtype.name
     raise UserError(f"{path}: no sample with a '{LATENT_EXT}' member")
 
 
-def write_manifest_for(spec: str, num_classes: int = 0, scale_factor: float = 1.0, vae: str = "unknown",
-                       log=print) -> Manifest:
+def write_manifest_for(
+    spec: str, num_classes: int = 0, scale_factor: float = 1.0, vae: str = "unknown", log=print
+) -> Manifest:
     paths = _local_shards(spec)
     folder = paths[0].parent
     target = folder / MANIFEST_NAME

@@ -45,8 +45,9 @@ def _open(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable .npy array ({err})") from None
 
 
-def _labels_for(rel: Path, rows: int, opts: NpyOptions, table: dict | None,
-                class_index: dict[str, int]) -> list[int]:
+def _labels_for(
+    rel: Path, rows: int, opts: NpyOptions, table: dict | None, class_index: dict[str, int]
+) -> list[int]:
     if not opts.labels:
         return [class_index[rel.parts[0]]] * rows
     if table is not None:
@@ -77,8 +78,9 @@ def write_npy_folder(opts: NpyOptions, log=print) -> ShardSetResult:
     if not opts.labels:
         flat = [f for f in files if len(f.parts) == 1]
         if flat:
-            raise UserError(f"--src: {flat[0]} is not in a class subfolder; put files in SRC/<class>/ "
-                            f"or give --labels")
+            raise UserError(
+                f"--src: {flat[0]} is not in a class subfolder; put files in SRC/<class>/ or give --labels"
+            )
         class_names = sorted({f.parts[0] for f in files})
         class_index = {name: i for i, name in enumerate(class_names)}
     elif opts.labels.endswith(".json"):
@@ -103,15 +105,18 @@ def write_npy_folder(opts: NpyOptions, log=print) -> ShardSetResult:
         if shape is None:
             shape, dtype = item_shape, array.dtype
         if item_shape != shape:
-            raise UserError(f"{root / rel}: latents of shape {list(item_shape)}, but {files[0]} has {list(shape)}")
+            raise UserError(
+                f"{root / rel}: latents of shape {list(item_shape)}, but {files[0]} has {list(shape)}"
+            )
         if array.dtype.name not in ("float16", "float32"):
             raise UserError(f"{root / rel}: dtype {array.dtype.name}; expected float16 or float32")
         labels.extend(_labels_for(rel, rows, opts, table, class_index))
         entries.extend((f_index, r) for r in range(rows))
     num_classes = opts.num_classes or (len(class_names) if class_names else max(labels) + 1)
     if min(labels) < 0 or max(labels) >= num_classes:
-        raise UserError(f"labels range over [{min(labels)}, {max(labels)}], outside [0, {num_classes}) "
-                        f"(--num-classes)")
+        raise UserError(
+            f"labels range over [{min(labels)}, {max(labels)}], outside [0, {num_classes}) (--num-classes)"
+        )
     assert shape is not None and dtype is not None
 
     def produce(start: int, stop: int) -> Iterator[SampleRecord]:

@@ -135,7 +135,9 @@ def write_shard_set(
                     raise UserError(f"sample '{key}': class {cls} outside [0, {spec.num_classes})")
                 stored = latent.astype(dtype, copy=False)
                 if not np.isfinite(stored).all():  # also catches float16 overflow of the cast
-                    raise UserError(f"sample '{key}' ({meta or {}}): latent has NaN or Inf values as {dtype.name}")
+                    raise UserError(
+                        f"sample '{key}' ({meta or {}}): latent has NaN or Inf values as {dtype.name}"
+                    )
                 tar.write(encode_sample(key, stored, int(cls), meta))
                 count += 1
         if count != stop - start:

@@ -19,9 +19,15 @@ def synthetic_key(index: int) -> str:
     return f"s{index:08d}"
 
 
-def write_synthetic(out: str | Path, counts: list[int], latent_shape: tuple[int, int, int] = (4, 8, 8),
-                    dtype: str = "float32", num_classes: int = 10, seed: int = 0,
-                    prefix: str = "train") -> Manifest:
+def write_synthetic(
+    out: str | Path,
+    counts: list[int],
+    latent_shape: tuple[int, int, int] = (4, 8, 8),
+    dtype: str = "float32",
+    num_classes: int = 10,
+    seed: int = 0,
+    prefix: str = "train",
+) -> Manifest:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
