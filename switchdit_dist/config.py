@@ -155,8 +155,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except UserError as err:
                 errors.append(str(err))
-        raise UserError(f"{key}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
-                        f"got {type(value).__name__} {value!r}")
+        raise UserError(
+            f"{key}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}, "
+            f"got {type(value).__name__} {value!r}"
+        )
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -280,7 +282,9 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
     if m.patch_size not in PATCH_SIZES:
         raise UserError(f"model.patch_size: expected one of {list(PATCH_SIZES)}, got {m.patch_size}")
     if m.input_size % m.patch_size:
-        raise UserError(f"model.input_size={m.input_size} is not divisible by model.patch_size={m.patch_size}")
+        raise UserError(
+            f"model.input_size={m.input_size} is not divisible by model.patch_size={m.patch_size}"
+        )
     if m.is_moe:
         if m.expert_kind not in EXPERT_KINDS:
             raise UserError(f"model.expert_kind: expected one of {list(EXPERT_KINDS)}, got {m.expert_kind!r}")
@@ -289,17 +293,21 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         if m.num_experts % p.ep_size:
             raise UserError(
                 f"parallel.ep_size={p.ep_size} does not divide model.num_experts={m.num_experts}; "
-                f"choose an expert-parallel size among {[d for d in range(1, m.num_experts + 1) if m.num_experts % d == 0]}"
+                f"choose an expert-parallel size among {_divisors(m.num_experts)}"
             )
     elif p.ep_size != 1:
-        raise UserError(f"parallel.ep_size={p.ep_size} needs a mixture-of-experts model (model.arch=switch-dit)")
+        raise UserError(
+            f"parallel.ep_size={p.ep_size} needs a mixture-of-experts model (model.arch=switch-dit)"
+        )
     if p.ep_size < 1 or world_size % p.ep_size:
         raise UserError(
             f"parallel.ep_size={p.ep_size} does not divide the world size {world_size} "
             f"(number of processes); use a world size that is a multiple of {p.ep_size}"
         )
     if p.zero_stage not in (0, 1, 2):
-        raise UserError(f"parallel.zero_stage: expected 0, 1 or 2 (3 does not support MoE), got {p.zero_stage}")
+        raise UserError(
+            f"parallel.zero_stage: expected 0, 1 or 2 (3 does not support MoE), got {p.zero_stage}"
+        )
     if p.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"parallel.precision: expected auto, fp32 or bf16, got {p.precision!r}")
     if t.steps < 1:
@@ -313,15 +321,20 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         )
     if t.global_batch % per_step:
         raise UserError(
-            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x data-parallel size "
+            f"train.global_batch={t.global_batch} is not a multiple of "
+            "train.micro_batch x data-parallel size "
             f"= {t.micro_batch} x {world_size} = {per_step}"
         )
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay: expected a value in [0, 1), got {t.ema_decay}")
     if config.diffusion.noise_schedule not in ("linear", "cosine"):
-        raise UserError(f"diffusion.noise_schedule: expected linear or cosine, got {config.diffusion.noise_schedule!r}")
+        raise UserError(
+            f"diffusion.noise_schedule: expected linear or cosine, got {config.diffusion.noise_schedule!r}"
+        )
     if config.checkpoint.on_write_error not in ("stop", "retry"):
-        raise UserError(f"checkpoint.on_write_error: expected stop or retry, got {config.checkpoint.on_write_error!r}")
+        raise UserError(
+            f"checkpoint.on_write_error: expected stop or retry, got {config.checkpoint.on_write_error!r}"
+        )
     if config.checkpoint.keep < 1:
         raise UserError(f"checkpoint.keep: expected >= 1, got {config.checkpoint.keep}")
     if config.logging.every < 1:
@@ -330,6 +343,10 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         from switchdit_dist.data.config import validate as validate_data
 
         validate_data(config.data)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def grad_accumulation(config: Config, world_size: int) -> int:

@@ -77,7 +77,9 @@ def test_ep_size_must_divide_world_size(shards):
 
 def test_batch_must_divide_by_data_parallel_size(shards):
     config = load("train.global_batch=15", shards=shards)
-    with pytest.raises(UserError, match=r"train\.global_batch=15 is not divisible by the data-parallel size 2"):
+    with pytest.raises(
+        UserError, match=r"train\.global_batch=15 is not divisible by the data-parallel size 2"
+    ):
         validate(config, world_size=2)
     config = load("train.global_batch=20", "train.micro_batch=8", shards=shards)
     with pytest.raises(UserError, match=r"not a multiple of train\.micro_batch x data-parallel size"):
@@ -98,8 +100,16 @@ def test_valid_layout_passes(shards):
 def test_cli_prints_one_line_error(tmp_path, capsys):
     from switchdit_dist.cli import main
 
-    code = main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path),
-                 "train.stepz=3"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(tmp_path),
+            "train.stepz=3",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "did you mean 'steps'" in err and "Traceback" not in err

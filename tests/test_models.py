@@ -107,7 +107,9 @@ def test_switch_block_matches_the_formula():
     x, c, t_emb = torch.randn(2, 5, d), torch.randn(2, d), torch.randn(2, d)
     probs = torch.softmax(block.router.gate[1](torch.nn.functional.silu(t_emb)), -1)
     w, i = probs.topk(2, -1)
-    out = torch.stack([sum(w[b, j] * block.moe.experts[int(i[b, j])](x[b]) for j in range(2)) for b in range(2)])
+    out = torch.stack(
+        [sum(w[b, j] * block.moe.experts[int(i[b, j])](x[b]) for j in range(2)) for b in range(2)]
+    )
     m = 1 + out
     r = x * m
     r = block.residual_branches(r, c)

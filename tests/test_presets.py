@@ -8,17 +8,21 @@ from switchdit_dist.models.registry import build_model
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "imagenet256").glob("*.yaml"))
 
+
 def dit_params(depth, d, patch=2, channels=4, classes=1000, tokens=256):
     """All parameters of DiT, the fixed position embedding included, counted by hand."""
     block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * d + 6 * d)
     out = patch * patch * 2 * channels
     return (
-        channels * patch * patch * d + d  # patch embedding
+        channels * patch * patch * d
+        + d  # patch embedding
         + tokens * d  # position embedding
-        + (256 * d + d) + (d * d + d)  # timestep MLP
+        + (256 * d + d)
+        + (d * d + d)  # timestep MLP
         + (classes + 1) * d  # labels + null class
         + depth * block
-        + (2 * d * d + 2 * d) + (d * out + out)  # final layer
+        + (2 * d * d + 2 * d)
+        + (d * out + out)  # final layer
     )
 
 
@@ -47,7 +51,11 @@ def test_preset_validates_for_one_node_of_8_gpus_and_builds(path):
     config = load_config(path)
     validate(config, world_size=8, check_data=False)
     assert config.train.global_batch == 256 and config.optim.lr == 1e-4 and config.train.ema_decay == 0.9999
-    assert config.train.steps == 400_000 and config.model.learn_sigma and config.diffusion.noise_schedule == "linear"
+    assert (
+        config.train.steps == 400_000
+        and config.model.learn_sigma
+        and config.diffusion.noise_schedule == "linear"
+    )
     with torch.device("meta"):
         model = build_model(config.model.build_config())
     assert sum(p.numel() for p in model.parameters()) == EXPECTED[path.stem]

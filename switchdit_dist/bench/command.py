@@ -7,7 +7,10 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "moe": ("switchdit_dist.bench.moe", "one MoE layer: this project's dispatch vs DeepSpeed's MOELayer vs dense"),
+    "moe": (
+        "switchdit_dist.bench.moe",
+        "one MoE layer: this project's dispatch vs DeepSpeed's MOELayer vs dense",
+    ),
     "data": ("switchdit_dist.bench.data", "loader throughput per worker vs one training step's needs"),
     "train": ("switchdit_dist.bench.train", "training-step throughput, DiT vs Switch-DiT (and MFU on GPU)"),
 }

@@ -10,8 +10,8 @@ Implementations, all fed the same per-sample routing and weights (paper experts:
 Shapes: Switch-DiT-S (D=384) and -B (D=768), 256-token samples, E=8 experts, top-2. Routing:
 ``balanced`` (every expert gets the same load on every rank) and ``skewed`` (every sample's first
 slot is expert 0). Run with one process, then with two processes (EP 2) that the benchmark spawns.
-Each process uses one thread. Times are medians over ``--repeats``; with two processes an
-iteration's time is the slower rank's.
+Each process uses one thread. The three implementations are timed in turn within each repeat;
+times are medians over ``--repeats``; with two processes an iteration's time is the slower rank's.
 """
 
 from __future__ import annotations
@@ -131,22 +131,18 @@ def routing(kind: str, config: MoEBenchConfig, rank: int) -> tuple[torch.Tensor,
     return index, weight.gather(1, index)
 
 
-def time_layer(layer: nn.Module, x, index, weight, grad_out, config: MoEBenchConfig, group) -> float:
-    """Median forward+backward milliseconds (the slower rank's, when distributed)."""
-    times = []
-    for i in range(config.warmup + config.repeats):
-        layer.zero_grad(set_to_none=True)
-        xi, wi = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        if group is not None:
-            dist.barrier(group)
-        start = time.perf_counter()
-        layer(xi, index, wi).backward(grad_out)
-        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-        if group is not None:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-        if i >= config.warmup:
-            times.append(elapsed.item() * 1e3)
-    return statistics.median(times)
+def time_iteration(layer: nn.Module, x, index, weight, grad_out, group) -> float:
+    """Forward+backward milliseconds of one call (the slower rank's, when distributed)."""
+    layer.zero_grad(set_to_none=True)
+    xi, wi = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    if group is not None:
+        dist.barrier(group)
+    start = time.perf_counter()
+    layer(xi, index, wi).backward(grad_out)
+    elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+    return elapsed.item() * 1e3
 
 
 def measure(config: MoEBenchConfig, ep: int, rank: int, group) -> list[Row]:
@@ -157,11 +153,16 @@ def measure(config: MoEBenchConfig, ep: int, rank: int, group) -> list[Row]:
         grad_out = torch.randn(config.batch, config.tokens, dim, generator=generator)
         for kind in ROUTINGS:
             index, weight = routing(kind, config, rank)
-            for impl in IMPLS:
-                torch.manual_seed(0)
-                layer = build_layer(impl, dim, config, ep, group)
-                ms = time_layer(layer, x, index, weight, grad_out, config, group)
-                rows.append(Row(shape, ep, kind, impl, round(ms, 3)))
+            torch.manual_seed(0)
+            layers = {impl: build_layer(impl, dim, config, ep, group) for impl in IMPLS}
+            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            # Round-robin over the implementations, so that a change in machine load hits all of them.
+            for i in range(config.warmup + config.repeats):
+                for impl, layer in layers.items():
+                    ms = time_iteration(layer, x, index, weight, grad_out, group)
+                    if i >= config.warmup:
+                        times[impl].append(ms)
+            rows += [Row(shape, ep, kind, impl, round(statistics.median(times[impl]), 3)) for impl in IMPLS]
     return rows
 
 

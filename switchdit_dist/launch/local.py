@@ -16,22 +16,35 @@ from switchdit_dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, required=True, help="number of ranks (processes) on this machine")
+    parser.add_argument(
+        "--nproc", type=int, required=True, help="number of ranks (processes) on this machine"
+    )
     parser.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS (e.g. -- train --config ...)")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- SUBCOMMAND ARGS (e.g. -- train --config ...)"
+    )
 
 
 def build_command(nproc: int, command: list[str], port: int = 0) -> list[str]:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise UserError("launch: nothing to run; usage: switchdit launch --nproc N -- train --config ... --run-dir ...")
+        raise UserError(
+            "launch: nothing to run; usage: switchdit launch --nproc N -- train --config ... --run-dir ..."
+        )
     if nproc < 1:
         raise UserError(f"launch: --nproc must be >= 1, got {nproc}")
     rdzv = [f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-backend=c10d"] if port else ["--standalone"]
     return [
-        sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={nproc}",
-        "--max-restarts=0", "-m", "switchdit_dist.cli", *command,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rdzv,
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=0",
+        "-m",
+        "switchdit_dist.cli",
+        *command,
     ]
 
 

@@ -71,7 +71,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -140,7 +142,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def residual_branches(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -169,8 +173,12 @@ def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     """[grid_size**2, dim]: first half encodes the column index, second half the row (DiT's layout)."""
-    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))
-    return np.concatenate([sincos_pos_embed_1d(dim // 2, grid_w), sincos_pos_embed_1d(dim // 2, grid_h)], axis=1)
+    grid_w, grid_h = np.meshgrid(
+        np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)
+    )
+    return np.concatenate(
+        [sincos_pos_embed_1d(dim // 2, grid_w), sincos_pos_embed_1d(dim // 2, grid_h)], axis=1
+    )
 
 
 class DiT(nn.Module):
@@ -203,7 +211,9 @@ class DiT(nn.Module):
 
         self.apply(xavier_linear)
         grid = int(self.config.num_patches**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.config.hidden_size, grid)).float()[None])
+        self.pos_embed.data.copy_(
+            torch.from_numpy(sincos_pos_embed_2d(self.config.hidden_size, grid)).float()[None]
+        )
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -237,7 +247,12 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guided_channels: int | None = None,
     ) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half carries the null class.
 

@@ -62,7 +62,9 @@ class LocalExperts(nn.Module):
         for expert in self.experts:
             init_expert_(expert)
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             sample, slot = torch.nonzero(expert_index == e, as_tuple=True)

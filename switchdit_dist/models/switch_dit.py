@@ -73,7 +73,9 @@ class SwitchDiTBlock(DiTBlock):
         self.router = TimestepRouter(config.hidden_size, config.num_experts, config.top_k)
         self.moe = experts
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         probs, index, weight = self.router(t_emb)
         mask = 1 + self.moe(x, index, weight.to(x.dtype))
         r = self.residual_branches(x * mask, c)

@@ -193,7 +193,11 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         # Incomplete directories older than the newest complete one are crash leftovers.
         for leftover in self.dir.glob("step_*"):
-            if leftover.is_dir() and not is_complete(leftover) and step_of(leftover.name) < step_of(current.name):
+            if (
+                leftover.is_dir()
+                and not is_complete(leftover)
+                and step_of(leftover.name) < step_of(current.name)
+            ):
                 shutil.rmtree(leftover, ignore_errors=True)
 
     # --- reading ---------------------------------------------------------------------------
@@ -205,7 +209,9 @@ class CheckpointManager:
         meta = json.loads((path / "meta.json").read_text())
         if meta["model_hash"] != model_hash:
             saved = meta.get("model", {})
-            changed = sorted(k for k in set(saved) | set(model_section) if saved.get(k) != model_section.get(k))
+            changed = sorted(
+                k for k in set(saved) | set(model_section) if saved.get(k) != model_section.get(k)
+            )
             details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {model_section.get(k)!r}" for k in changed)
             raise UserError(
                 f"checkpoint {path} was written for a different model ({details}); "
@@ -217,20 +223,26 @@ class CheckpointManager:
         file = path / f"side_rank_{self.rank}.pt"
         if not file.is_file():
             raise UserError(
-                f"checkpoint {path} has no side state for rank {self.rank} ({file.name}); it was written by a "
+                f"checkpoint {path} has no side state for rank {self.rank} ({file.name}); "
+                "it was written by a "
                 "different number of processes"
             )
         return torch.load(file, map_location="cpu", weights_only=True)
 
-    def load_ema(self, path: Path, placement: ExpertPlacement, local_names: list[str]) -> dict[str, torch.Tensor]:
+    def load_ema(
+        self, path: Path, placement: ExpertPlacement, local_names: list[str]
+    ) -> dict[str, torch.Tensor]:
         state = load_file(str(path / "ema_shared.safetensors"))
         expert_file = path / f"ema_experts_ep{placement.ep_rank}.safetensors"
         if expert_file.is_file():
             wanted = set(local_names)
             for name, tensor in load_file(str(expert_file)).items():
                 # Experts held whole on one rank keep their global names; sharded ones map to local ids.
-                local = name if name in wanted else param_names.to_local(
-                    name, placement.ep_rank, placement.num_local_experts)
+                local = (
+                    name
+                    if name in wanted
+                    else param_names.to_local(name, placement.ep_rank, placement.num_local_experts)
+                )
                 if local is not None:
                     state[local] = tensor
         missing = sorted(set(local_names) - set(state))

@@ -17,7 +17,9 @@ from switchdit_dist.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--run-dir", required=True, help="where checkpoints, metrics and logs go")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

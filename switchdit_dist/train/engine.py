@@ -54,7 +54,9 @@ def build_engine(config: Config, model_config: DiTConfig, env: DistEnv):
     if config.model.is_moe:
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     o = config.optim
-    optimizer = make_guarded(torch.optim.AdamW)(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = make_guarded(torch.optim.AdamW)(
+        groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
     warmup = max(o.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

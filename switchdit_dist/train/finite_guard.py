@@ -34,13 +34,11 @@ def make_guarded(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim
 
     class Guarded(optimizer_cls):
         last_step_skipped = False
-        skipped_total = 0
 
         def step(self, closure=None):
             skip = agree_any(_local_nonfinite(self))
             self.last_step_skipped = skip
             if skip:
-                self.skipped_total += 1
                 self.zero_grad(set_to_none=True)
                 return None
             return super().step(closure)

@@ -62,8 +62,9 @@ class Trainer:
             learn_sigma=cfg.model.learn_sigma,
             num_timesteps=cfg.diffusion.num_timesteps,
         )
-        self.loader = LatentLoader(cfg.data, batch_size=cfg.train.micro_batch, rank=env.rank,
-                                   world_size=env.world_size)
+        self.loader = LatentLoader(
+            cfg.data, batch_size=cfg.train.micro_batch, rank=env.rank, world_size=env.world_size
+        )
         expected = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         if tuple(self.loader.latent_shape) != expected:
             raise UserError(
@@ -80,8 +81,9 @@ class Trainer:
         self.placement = expert_placement(self.module)
         self.ema = EMA(self.module, cfg.train.ema_decay)
         self.prior = (
-            DiffusionPriorLoss(self.model_config.depth, cfg.model.num_experts, cfg.model.top_k,
-                               cfg.diffusion.num_timesteps)
+            DiffusionPriorLoss(
+                self.model_config.depth, cfg.model.num_experts, cfg.model.top_k, cfg.diffusion.num_timesteps
+            )
             if cfg.model.is_moe and cfg.model.prior_loss_weight > 0
             else None
         )
@@ -97,11 +99,16 @@ class Trainer:
         if meta["world_size"] != self.env.world_size or meta["ep_size"] != self.config.parallel.ep_size:
             raise UserError(
                 f"checkpoint {path} was written by {meta['world_size']} process(es) with parallel.ep_size="
-                f"{meta['ep_size']}; this run has {self.env.world_size} with ep_size={self.config.parallel.ep_size}. "
+                f"{meta['ep_size']}; this run has {self.env.world_size} with "
+                f"ep_size={self.config.parallel.ep_size}. "
                 "Resume with the same layout (resharding is done by `switchdit reshard`)"
             )
-        load_path, _ = self.engine.load_checkpoint(str(self.checkpoints.dir), tag=path.name,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = self.engine.load_checkpoint(
+            str(self.checkpoints.dir),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if load_path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {path}")
         side = self.checkpoints.load_side_state(path)
@@ -136,8 +143,12 @@ class Trainer:
         prior_value = 0.0
         if self.prior is not None:
             all_t = torch.arange(cfg.diffusion.num_timesteps, device=device)
-            prior_loss = self.prior(gates, t, self.module.gate_probs_for_timesteps(all_t),
-                                    np.random.default_rng(derive_seed(cfg.train.seed, step, micro, 2)))
+            prior_loss = self.prior(
+                gates,
+                t,
+                self.module.gate_probs_for_timesteps(all_t),
+                np.random.default_rng(derive_seed(cfg.train.seed, step, micro, 2)),
+            )
             loss = loss + cfg.model.prior_loss_weight * prior_loss
             prior_value = float(prior_loss.detach())
         if self.faults.active("nan", step):
@@ -146,8 +157,9 @@ class Trainer:
         self.faults.during_step(step)
         self.guard.last_step_skipped = False
         self.engine.step()
-        self.nonfinite_batch.append({"micro": micro, "t": t.tolist(), "keys": list(batch.keys),
-                                     "loss": float(loss.detach())})
+        self.nonfinite_batch.append(
+            {"micro": micro, "t": t.tolist(), "keys": list(batch.keys), "loss": float(loss.detach())}
+        )
         stats.add_micro(per_sample, prior_value, t, routes)
 
     # --- the loop --------------------------------------------------------------------------
@@ -159,12 +171,16 @@ class Trainer:
         step = self._resume()
         if env.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
-        writer = MetricsWriter(self.run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.progress,
-                               cfg.train.steps, step)
+        writer = MetricsWriter(
+            self.run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.progress, cfg.train.steps, step
+        )
         if step > 0:
             writer.message(f"resumed from step {step} ({self.checkpoints.dir / ckpt.tag_for(step)})")
-        stats = IntervalStats(cfg.diffusion.num_timesteps, self.model_config.depth,
-                              cfg.model.num_experts if cfg.model.is_moe else 1)
+        stats = IntervalStats(
+            cfg.diffusion.num_timesteps,
+            self.model_config.depth,
+            cfg.model.num_experts if cfg.model.is_moe else 1,
+        )
         batches = iter(self.loader)
         self.stop.install()
         exit_code = 0
@@ -183,16 +199,9 @@ class Trainer:
                     self._micro_step(batch, step, micro, stats)
                     stats.compute += time.perf_counter() - compute_start
                 if self._step_was_skipped():
-                    stats.skipped += 1
                     consecutive_skips += 1
                     self._report_nonfinite(step, writer)
-                    if consecutive_skips > cfg.train.max_consecutive_nonfinite:
-                        raise UserError(
-                            f"{consecutive_skips} consecutive steps (up to step {step}) had a non-finite loss or "
-                            f"gradient (limit train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
-                            f"stopping. The last good checkpoint is step {last_saved} "
-                            f"({self.checkpoints.dir / ckpt.tag_for(last_saved)}); see {self.run_dir}/nonfinite.jsonl"
-                        )
+                    self._check_nonfinite_limit(consecutive_skips, step, last_saved)
                 else:
                     consecutive_skips = 0
                     self.ema.update(self.module)
@@ -202,7 +211,11 @@ class Trainer:
                     self._log(writer, stats, step, time.perf_counter() - interval_start)
                     stats.reset()
                     interval_start = time.perf_counter()
-                if cfg.logging.gate_image_every and cfg.model.is_moe and step % cfg.logging.gate_image_every == 0:
+                if (
+                    cfg.logging.gate_image_every
+                    and cfg.model.is_moe
+                    and step % cfg.logging.gate_image_every == 0
+                ):
                     self._gate_image(writer, step)
                 signum = self.stop.agreed()
                 due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
@@ -230,6 +243,16 @@ class Trainer:
         # the optimizer guard covers the others. Both decisions are the same on every rank.
         return self.guard.last_step_skipped or not self.engine.was_step_applied()
 
+    def _check_nonfinite_limit(self, consecutive: int, step: int, last_saved: int) -> None:
+        limit = self.config.train.max_consecutive_nonfinite
+        if consecutive > limit:
+            good = self.checkpoints.dir / ckpt.tag_for(last_saved)
+            raise UserError(
+                f"{consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradient "
+                f"(limit train.max_consecutive_nonfinite={limit}); stopping. The last good checkpoint is "
+                f"step {last_saved} ({good}); see {self.run_dir}/nonfinite.jsonl"
+            )
+
     def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
         """Every rank records its own batch (timesteps, sample keys) of the skipped step."""
         import json
@@ -238,8 +261,10 @@ class Trainer:
         record = {"step": step, "rank": self.env.rank, "micro_batches": self.nonfinite_batch}
         with open(self.run_dir / "nonfinite.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        writer.message(f"step {step}: non-finite loss or gradient; optimizer and EMA update skipped "
-                       f"({self.skipped_total} skipped so far; batches in {self.run_dir / 'nonfinite.jsonl'})")
+        writer.message(
+            f"step {step}: non-finite loss or gradient; optimizer and EMA update skipped "
+            f"({self.skipped_total} skipped so far; batches in {self.run_dir / 'nonfinite.jsonl'})"
+        )
 
     def _save(self, step: int, writer: MetricsWriter) -> bool:
         cfg = self.config
@@ -262,12 +287,17 @@ class Trainer:
         }
         hook = None
         if self.faults.active("crash_in_checkpoint", step):
+
             def hook(s):
                 os.kill(os.getpid(), 9)
         elif self.faults.active("checkpoint_write_error", step):
+
             def hook(s):
                 raise OSError(28, "No space left on device (injected)")
-        path = self.checkpoints.save(self.engine, step, side, self.ema.state_dict(), self.placement, meta, hook)
+
+        path = self.checkpoints.save(
+            self.engine, step, side, self.ema.state_dict(), self.placement, meta, hook
+        )
         return path is not None
 
     def _log(self, writer: MetricsWriter, stats: IntervalStats, step: int, elapsed: float) -> None:
@@ -290,9 +320,13 @@ class Trainer:
     def _gate_image(self, writer: MetricsWriter, step: int) -> None:
         if not writer.enabled:
             return
-        probs = self.module.gate_probs_for_timesteps(
-            torch.arange(self.config.diffusion.num_timesteps, device=self.env.device)
-        ).float().cpu()
+        probs = (
+            self.module.gate_probs_for_timesteps(
+                torch.arange(self.config.diffusion.num_timesteps, device=self.env.device)
+            )
+            .float()
+            .cpu()
+        )
         writer.image("routing/gate_probs", gate_image(probs), step)
 
 

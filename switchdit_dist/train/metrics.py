@@ -35,7 +35,6 @@ class IntervalStats:
         self.route_count = torch.zeros(max(self.num_blocks, 1), max(self.num_experts, 1), dtype=torch.float64)
         self.data_wait = 0.0
         self.compute = 0.0
-        self.skipped = 0
 
     def add_micro(self, per_sample: dict[str, torch.Tensor], prior: float, t: torch.Tensor, routes) -> None:
         n = per_sample["loss"].numel()
@@ -121,8 +120,15 @@ def gate_image(gate_probs: torch.Tensor):
 class MetricsWriter:
     """Rank 0's sinks. Other ranks get a no-op instance."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 start_step: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool,
+        progress: bool,
+        total_steps: int,
+        start_step: int,
+    ):
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
@@ -137,7 +143,9 @@ class MetricsWriter:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:

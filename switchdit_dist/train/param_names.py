@@ -36,4 +36,8 @@ def to_local(name: str, ep_rank: int, num_local_experts: int) -> str | None:
     if global_id // num_local_experts != ep_rank:
         return None
     local_id = global_id % num_local_experts
-    return name[: match.start()] + f".moe.deepspeed_moe.experts.deepspeed_experts.{local_id}." + name[match.end() :]
+    return (
+        name[: match.start()]
+        + f".moe.deepspeed_moe.experts.deepspeed_experts.{local_id}."
+        + name[match.end() :]
+    )

@@ -15,7 +15,11 @@ import torch.distributed as dist
 
 # Exit codes after a signal-triggered checkpoint. 3 tells the SLURM script to requeue the job.
 EXIT_REQUEUE = 3
-EXIT_CODES = {signal.SIGUSR2: EXIT_REQUEUE, signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+EXIT_CODES = {
+    signal.SIGUSR2: EXIT_REQUEUE,
+    signal.SIGTERM: 128 + signal.SIGTERM,
+    signal.SIGINT: 128 + signal.SIGINT,
+}
 
 
 class StopRequest:
