@@ -111,6 +111,8 @@ class CheckpointSection:
 class LoggingSection:
     every: int = 10  # steps between metrics.jsonl lines / TensorBoard scalars
     gate_image_every: int = 1000  # steps between gate-probability images (0 = never)
+    val_every: int = 0  # steps between validation losses on data.validation_shards (0 = never)
+    val_batches: int = 8  # micro-batches per rank in the fixed validation set
     tensorboard: bool = True
     progress: bool = True
 

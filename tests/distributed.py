@@ -19,10 +19,15 @@ import traceback
 
 import torch.multiprocessing as mp
 
-
 # torch._dynamo is imported by the first torch optimizer, the muon module by DeepSpeed's optimizer
 # checks (it runs torch.compile at import): together about 10 s per process on a busy 2-core box.
-PRELOAD = ("torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer")
+PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "torch._dynamo",
+    "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+)
 
 
 def free_port() -> int:

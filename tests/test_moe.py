@@ -59,18 +59,18 @@ def random_reference(case: Case, seed: int) -> LocalExperts:
     return reference
 
 
-def routing(case: Case, batch: int, num_local: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def routing(
+    case: Case, batch: int, num_local: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_index [batch, k] with distinct experts per sample, and positive weights."""
     e, k = case.num_experts, case.top_k
-    if case.routing == "one_rank":
-        pool = num_local  # only experts held by EP rank 0
-    else:
-        pool = e
-    index = torch.stack([torch.randperm(pool, generator=generator)[:k] for _ in range(batch)])
     if case.routing == "same":
-        # Every sample's first slot is expert 0; the others stay distinct from it.
+        # Every sample's first slot is expert 0; its other slots are distinct from it.
         others = torch.stack([torch.randperm(e - 1, generator=generator)[: k - 1] + 1 for _ in range(batch)])
         index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), others], dim=1)
+    else:
+        pool = num_local if case.routing == "one_rank" else e  # one_rank: only EP rank 0's experts
+        index = torch.stack([torch.randperm(pool, generator=generator)[:k] for _ in range(batch)])
     weight = torch.rand(batch, k, generator=generator) + 0.1
     return index, weight
 
@@ -302,12 +302,20 @@ def _worker_engine(rank: int, world: int, stage: int, checkpoint_dir: str) -> di
     files_ok = True
     for layer_id, block in enumerate(engine.module.blocks):
         for local_id, global_id in enumerate(block.moe.global_expert_ids):
-            path = os.path.join(checkpoint_dir, "step2", f"layer_{layer_id}_expert_{global_id}_mp_rank_00_model_states.pt")
+            path = os.path.join(
+                checkpoint_dir, "step2", f"layer_{layer_id}_expert_{global_id}_mp_rank_00_model_states.pt"
+            )
             state = torch.load(path, map_location="cpu")
             local_prefix = f"blocks.{layer_id}.moe.deepspeed_moe.experts.deepspeed_experts.{local_id}."
             global_prefix = f"blocks.{layer_id}.moe.deepspeed_moe.experts.deepspeed_experts.{global_id}."
-            expected = {k.replace(local_prefix, global_prefix): v for k, v in saved.items() if k.startswith(local_prefix)}
-            files_ok &= set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+            expected = {
+                k.replace(local_prefix, global_prefix): v
+                for k, v in saved.items()
+                if k.startswith(local_prefix)
+            }
+            files_ok &= set(state) == set(expected) and all(
+                torch.equal(state[k], expected[k]) for k in expected
+            )
     result["expert_files_match"] = bool(files_ok)
     return result
 
@@ -334,7 +342,9 @@ def test_layer_is_a_deepspeed_moe_layer_with_expert_params():
     assert has_moe_layers(nn.Sequential(layer)) == (True, 4)
     assert layer.num_local_experts == 2 and layer.expert_group_name == "ep_size_2"
     names = [n for n, _ in layer.named_parameters()]
-    assert names == [f"deepspeed_moe.experts.deepspeed_experts.{i}.{p}" for i in range(2) for p in ("weight", "bias")]
+    assert names == [
+        f"deepspeed_moe.experts.deepspeed_experts.{i}.{p}" for i in range(2) for p in ("weight", "bias")
+    ]
     assert all(is_moe_param(p) and p.group_name == "ep_size_2" for p in layer.parameters())
 
 
@@ -373,6 +383,15 @@ def test_switch_dit_builds_and_zero_initialises_expert_parallel_experts():
     assert torch.equal(model(x, t, y), reference(x, t, y))
 
 
+def test_mlp_experts_reset_to_zero_output_with_distinct_first_layers():
+    layer = ExpertParallelMoE(DIM, 4, kind="mlp")
+    layer.reset_expert_parameters()
+    first = [expert[0].weight for expert in layer.local_experts]
+    assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1 :])
+    last = [p for expert in layer.local_experts for p in expert[-1].parameters()]
+    assert all((p == 0).all() for p in last)
+
+
 def test_plan_sends_each_pair_to_its_experts_rank():
     index = torch.tensor([[3, 0], [1, 3], [3, 2]])
     plan = plan_dispatch(index, num_experts=4)
@@ -387,7 +406,9 @@ def test_bad_input_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match=r"expert_index values must lie in \[0, 4\)"):
         ExpertParallelMoE(DIM, 4)(torch.zeros(2, LENGTH, DIM), torch.tensor([[0], [4]]), torch.ones(2, 1))
     with pytest.raises(RuntimeError, match="no expert-parallel group"):
-        ExpertParallelMoE(DIM, 4, ep_size=2)(torch.zeros(2, LENGTH, DIM), torch.tensor([[0], [3]]), torch.ones(2, 1))
+        ExpertParallelMoE(DIM, 4, ep_size=2)(
+            torch.zeros(2, LENGTH, DIM), torch.tensor([[0], [3]]), torch.ones(2, 1)
+        )
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -425,7 +446,7 @@ def test_paper_config_three_experts_on_three_ranks():
 @pytest.mark.slow
 def test_two_ranks_match_deepspeed_stock_moe_layer():
     cases = [Case(4, 1), Case(4, 2), Case(8, 2, "same"), Case(4, 2, "one_rank"), Case(4, 2, kind="mlp")]
-    for rank, errors in enumerate(run_distributed(_worker_deepspeed_stock, 2, cases)):
+    for rank, errors in enumerate(run_distributed(_worker_deepspeed_stock, 2, cases, timeout=180)):
         assert_all_close(errors, f"rank {rank}/2 vs stock")
 
 
@@ -442,7 +463,9 @@ def test_switch_dit_expert_parallel_matches_single_process_model():
 def test_deepspeed_engine_sees_moe_layers_and_checkpoints_experts(stage, tmp_path):
     results = run_distributed(_worker_engine, 2, stage, str(tmp_path), timeout=180)
     depth = tiny_switch_dit_config().depth
-    expected_files = {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(depth) for e in range(4)}
+    expected_files = {
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(depth) for e in range(4)
+    }
     assert expected_files <= set(os.listdir(tmp_path / "step2"))
     for rank, result in enumerate(results):
         assert result == {

@@ -22,7 +22,19 @@ pytestmark = pytest.mark.slow
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits"
     subprocess.run(
-        [sys.executable, "-m", "switchdit_dist.cli", "prepare", "digits", "--out", str(out), "--shards", "4"],
+        [
+            sys.executable,
+            "-m",
+            "switchdit_dist.cli",
+            "prepare",
+            "digits",
+            "--out",
+            str(out),
+            "--shards",
+            "4",
+            "--val-fraction",
+            "0.1",
+        ],
         check=True,
         cwd=REPO,
     )
@@ -48,6 +60,10 @@ def launch(run_dir: Path, digits: Path, *overrides: str, fault: str = "", nproc:
         "--run-dir",
         str(run_dir),
         f"data.shards={digits}",
+        # held-out digits written by `prepare digits --val-fraction`, scored every 3 steps
+        f"data.validation_shards={digits.parent / 'val' / 'manifest.json'}",
+        "logging.val_every=3",
+        "logging.val_batches=2",
         *overrides,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -60,6 +76,14 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         out[record["step"]] = record["loss"]
+    return out
+
+
+def validation_by_step(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run_dir / "validation.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record.pop("step")] = record
     return out
 
 
@@ -169,6 +193,9 @@ def test_sigterm_during_step_7_checkpoints_and_resumes_exactly(run_a, tmp_path, 
     a, c = losses_by_step(run_a), losses_by_step(run_c)
     assert [c[s] for s in range(8, 13)] == [a[s] for s in range(8, 13)]
     assert_same_state(final_state(run_a), final_state(run_c))
+    # the validation curve (fixed noise and timesteps) of the resumed run equals the uninterrupted one
+    val_a, val_c = validation_by_step(run_a), validation_by_step(run_c)
+    assert sorted(val_a) == [3, 6, 9, 12] and val_c == val_a
 
 
 def test_crash_while_writing_checkpoint_keeps_previous(run_a, tmp_path, digits):

@@ -92,7 +92,9 @@ class DenseEquivalent(nn.Module):
         self.top_k = top_k
         self.linear = nn.Linear(dim, top_k * dim)
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
         b, length, d = x.shape
         h = self.linear(x).view(b, length, self.top_k, d)
         return torch.einsum("blkd,bk->bld", h, expert_weight.to(h.dtype))
@@ -180,7 +182,11 @@ def measure_in_this_process(config: MoEBenchConfig) -> list[Row]:
 
 def _ep_worker(rank: int, world: int, port: int, config: MoEBenchConfig, results) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -208,7 +214,9 @@ def measure_on_two_processes(config: MoEBenchConfig, timeout_s: float = 1800.0) 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [ctx.Process(target=_ep_worker, args=(r, 2, port, config, results), daemon=True) for r in range(2)]
+    procs = [
+        ctx.Process(target=_ep_worker, args=(r, 2, port, config, results), daemon=True) for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:

@@ -34,10 +34,14 @@ class FixedRoutingGate(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def set_routing(self, expert_index: torch.Tensor, expert_weight: torch.Tensor, tokens_per_sample: int) -> None:
+    def set_routing(
+        self, expert_index: torch.Tensor, expert_weight: torch.Tensor, tokens_per_sample: int
+    ) -> None:
         self._routing = (expert_index, expert_weight, tokens_per_sample)
 
-    def forward(self, tokens: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
+    def forward(
+        self, tokens: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False
+    ):
         if self._routing is None:
             raise RuntimeError("FixedRoutingGate: call set_routing() before the layer's forward")
         if not sparse_routes or used_token is not None:
@@ -64,7 +68,9 @@ class DeepSpeedStockExperts(nn.Module):
     """The experts contract (``experts(x, expert_index, expert_weight)``) on DeepSpeed's ``MOELayer``
     with ``drop_tokens=False`` semantics."""
 
-    def __init__(self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0):
+    def __init__(
+        self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0
+    ):
         super().__init__()
         if num_experts % ep_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
@@ -89,6 +95,8 @@ class DeepSpeedStockExperts(nn.Module):
         for i, local in enumerate(self.local_experts):
             local.load_state_dict(reference.experts[first + i].state_dict())
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
         self.gate.set_routing(expert_index, expert_weight, x.shape[1])
         return self.moe_layer(x, None)

@@ -109,10 +109,10 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int, ep_size: int = 1
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
     num_local = num_experts // ep_size
     flat = expert_index.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
-        raise ValueError(
-            f"expert_index values must lie in [0, {num_experts}), got min {int(flat.min())} max {int(flat.max())}"
-        )
+    if flat.numel():
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"expert_index values must lie in [0, {num_experts}), got min {low} max {high}")
     pair_order = torch.argsort(flat, stable=True)
     pair_position = torch.empty_like(pair_order)
     pair_position[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)

@@ -19,7 +19,9 @@ from switchdit_dist.models.experts import init_expert_, make_expert
 class ExpertShard(nn.Module):
     """The ``num_local_experts`` experts of one EP rank, run on contiguous runs of sample blocks."""
 
-    def __init__(self, dim: int, num_local_experts: int, group_name: str, kind: str = "linear", mlp_ratio: float = 4.0):
+    def __init__(
+        self, dim: int, num_local_experts: int, group_name: str, kind: str = "linear", mlp_ratio: float = 4.0
+    ):
         super().__init__()
         self.num_local_experts = num_local_experts
         self.experts = Experts(make_expert(kind, dim, mlp_ratio), num_local_experts, group_name)

@@ -37,7 +37,9 @@ class ExpertParallelMoE(MoE):
     With ``ep_size == 1`` no process group is needed.
     """
 
-    def __init__(self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0):
+    def __init__(
+        self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0
+    ):
         nn.Module.__init__(self)
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(
@@ -66,7 +68,9 @@ class ExpertParallelMoE(MoE):
     def _set_ep_group(self, ep_group) -> None:
         size = dist.get_world_size(ep_group)
         if size != self.ep_size:
-            raise ValueError(f"expert-parallel group has {size} ranks, this layer was built for ep_size={self.ep_size}")
+            raise ValueError(
+                f"expert-parallel group has {size} ranks, this layer was built for ep_size={self.ep_size}"
+            )
         self.ep_group = ep_group
 
     def set_process_group(self, ep_group) -> None:
@@ -113,7 +117,9 @@ class ExpertParallelMoE(MoE):
 
     # --- forward --------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
         """x [B, L, D], expert_index [B, k], expert_weight [B, k] ->
         y[b] = sum_j expert_weight[b, j] * expert_{expert_index[b, j]}(x[b])."""
         if self.ep_size > 1:

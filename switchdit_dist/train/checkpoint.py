@@ -8,6 +8,7 @@ Layout of ``RUN_DIR/checkpoints/``::
         side_rank_{r}.pt            per rank: step, data position, RNG states, config hash
         ema_shared.safetensors      EMA of the replicated (non-expert) weights, from rank 0
         ema_experts_ep{p}.safetensors   EMA of expert-parallel rank p's experts (global names)
+        portable/                   weights + Adam state by global name, any layout (see portable.py)
         meta.json                   step, topology, model config and its hash
         COMPLETE                    written by rank 0 once every rank has finished writing
 
@@ -154,14 +155,23 @@ class CheckpointManager:
             if dist.is_initialized():
                 dist.barrier()
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-            if fault_hook is not None:
-                fault_hook(step)
-            torch.save(side_state, path / f"side_rank_{self.rank}.pt")
-            self._save_ema(path, ema_state, placement)
-            if self.rank == 0:
-                (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         except OSError as err:
             error = err
+        # The topology-independent copy is written with collectives: every rank joins only if
+        # every rank's DeepSpeed files were written.
+        if _all_ok(error is None):
+            from switchdit_dist.train.portable import save_portable  # (portable imports this module)
+
+            try:
+                save_portable(engine, path, placement, step)
+                if fault_hook is not None:
+                    fault_hook(step)
+                torch.save(side_state, path / f"side_rank_{self.rank}.pt")
+                self._save_ema(path, ema_state, placement, step)
+                if self.rank == 0:
+                    (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            except OSError as err:
+                error = err
         if not _all_ok(error is None):
             if error is not None:
                 print(f"[rank {self.rank}] checkpoint write to {path} failed: {error}", flush=True)
@@ -174,7 +184,9 @@ class CheckpointManager:
             dist.barrier()
         return path
 
-    def _save_ema(self, path: Path, ema_state: dict[str, torch.Tensor], placement: ExpertPlacement) -> None:
+    def _save_ema(
+        self, path: Path, ema_state: dict[str, torch.Tensor], placement: ExpertPlacement, step: int
+    ) -> None:
         shared, experts = {}, {}
         for name, tensor in ema_state.items():
             if param_names.is_expert_name(name):
@@ -182,10 +194,13 @@ class CheckpointManager:
                 experts[global_name] = tensor.contiguous()
             else:
                 shared[name] = tensor.contiguous()
+        metadata = {"step": str(step)}  # lets readers (switchdit convert) catch files from another step
         if self.rank == 0:
-            save_file(shared, str(path / "ema_shared.safetensors"))
+            save_file(shared, str(path / "ema_shared.safetensors"), metadata=metadata)
         if experts and placement.is_expert_writer:
-            save_file(experts, str(path / f"ema_experts_ep{placement.ep_rank}.safetensors"))
+            save_file(
+                experts, str(path / f"ema_experts_ep{placement.ep_rank}.safetensors"), metadata=metadata
+            )
 
     def _prune(self, current: Path) -> None:
         complete = complete_checkpoints(self.dir)

@@ -2,14 +2,15 @@
 metrics and checkpoints.
 
 Every random draw of a step (timesteps, noise, label dropout, the prior's unit permutation) comes
-from generators seeded by (seed, rank, step, micro-step), so a resumed run repeats the
-uninterrupted run bit for bit without replaying generator state; the global generator states are
-saved as well for anything else that draws from them.
+from generators seeded by (seed, step, slot), so a resumed run repeats the uninterrupted run bit for
+bit without replaying generator state; the global generator states are saved as well for anything
+else that draws from them. The slot (rank x accumulation steps + micro-step) is the micro-batch's
+place in the global batch: a run resumed on another number of ranks with the same micro-batch size
+draws the same timesteps and noise for the same place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -24,17 +25,14 @@ from switchdit_dist.errors import UserError
 from switchdit_dist.models.flops import train_flops_per_image
 from switchdit_dist.models.prior import DiffusionPriorLoss
 from switchdit_dist.train import checkpoint as ckpt
+from switchdit_dist.train import portable
 from switchdit_dist.train.distributed import DistEnv
 from switchdit_dist.train.ema import EMA
 from switchdit_dist.train.engine import build_engine, expert_placement
 from switchdit_dist.train.faults import FaultInjector
 from switchdit_dist.train.metrics import IntervalStats, MetricsWriter, gate_image, peak_memory_mb
+from switchdit_dist.train.seeding import derive_seed
 from switchdit_dist.train.signals import EXIT_CODES, StopRequest
-
-
-def derive_seed(*parts: int) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class Trainer:
@@ -90,6 +88,19 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, env.rank, cfg.checkpoint.keep)
         self.flops_per_image = train_flops_per_image(self.model_config)
         self.peak_flops = _measured_peak_flops(env.device, self.precision)
+        self.validator = None
+        if cfg.data.validation_shards and cfg.logging.val_every:
+            from switchdit_dist.train.validation import Validator
+
+            self.validator = Validator(
+                cfg.data,
+                batch_size=cfg.train.micro_batch,
+                rank=env.rank,
+                world_size=env.world_size,
+                max_batches=cfg.logging.val_batches,
+                num_timesteps=cfg.diffusion.num_timesteps,
+                seed=cfg.train.seed,
+            )
 
     def _resume(self) -> int:
         path = self.checkpoints.resume_point()
@@ -97,12 +108,7 @@ class Trainer:
             return 0
         meta = self.checkpoints.check_compatible(path, self.config.model_hash(), vars(self.config.model))
         if meta["world_size"] != self.env.world_size or meta["ep_size"] != self.config.parallel.ep_size:
-            raise UserError(
-                f"checkpoint {path} was written by {meta['world_size']} process(es) with parallel.ep_size="
-                f"{meta['ep_size']}; this run has {self.env.world_size} with "
-                f"ep_size={self.config.parallel.ep_size}. "
-                "Resume with the same layout (resharding is done by `switchdit reshard`)"
-            )
+            return self._resume_resharded(path, meta)
         load_path, _ = self.engine.load_checkpoint(
             str(self.checkpoints.dir),
             tag=path.name,
@@ -119,6 +125,29 @@ class Trainer:
         self.ema.load_state_dict(self.checkpoints.load_ema(path, self.placement, names))
         return int(side["step"])
 
+    def _resume_resharded(self, path: Path, meta: dict[str, Any]) -> int:
+        """A checkpoint of another layout (number of processes or parallel.ep_size): weights, Adam
+        state and EMA come from its portable copy (``portable.py``). With another number of ranks the
+        data loader cannot continue mid-epoch: it starts the next epoch."""
+        names = [n for n, _ in self.module.named_parameters()]
+        same_ranks = meta["world_size"] == self.env.world_size
+        resumed = portable.resume_resharded(
+            self.engine, path, self.placement, names, self.env.rank, same_ranks
+        )
+        self.loader.load_state_dict(resumed.side["loader"])
+        if same_ranks:
+            ckpt.set_rng_state(resumed.side["rng"])
+        self.skipped_total = int(resumed.side.get("skipped_total", 0))
+        self.ema.load_state_dict(resumed.ema)
+        if self.env.is_main:
+            print(
+                f"resharded {path}: written by {meta['world_size']} process(es) with parallel.ep_size="
+                f"{meta['ep_size']}, resumed on {self.env.world_size} with "
+                f"ep_size={self.config.parallel.ep_size}",
+                flush=True,
+            )
+        return resumed.step
+
     # --- one step --------------------------------------------------------------------------
 
     def _micro_step(self, batch, step: int, micro: int, stats: IntervalStats) -> None:
@@ -126,10 +155,11 @@ class Trainer:
         device = env.device
         x0 = batch.latent.to(device, torch.float32)
         y = batch.cls.to(device)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, env.rank, step, micro))
+        slot = env.rank * self.accum + micro
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, slot))
         t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        torch.manual_seed(derive_seed(cfg.train.seed, env.rank, step, micro, 1))  # label dropout
+        torch.manual_seed(derive_seed(cfg.train.seed, step, slot, 1))  # label dropout
         x_t = self.diffusion.q_sample(x0, t, noise)
         model_in = x_t.to(torch.bfloat16) if self.precision == "bf16" else x_t
         routes = None
@@ -147,7 +177,7 @@ class Trainer:
                 gates,
                 t,
                 self.module.gate_probs_for_timesteps(all_t),
-                np.random.default_rng(derive_seed(cfg.train.seed, step, micro, 2)),
+                np.random.default_rng(derive_seed(cfg.train.seed, step, slot, 2)),
             )
             loss = loss + cfg.model.prior_loss_weight * prior_loss
             prior_value = float(prior_loss.detach())
@@ -217,6 +247,10 @@ class Trainer:
                     and step % cfg.logging.gate_image_every == 0
                 ):
                     self._gate_image(writer, step)
+                if self.validator is not None and step % cfg.logging.val_every == 0:
+                    dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+                    record = self.validator.evaluate(self.module, self.diffusion, env.device, dtype)
+                    writer.log_validation(step, record)
                 signum = self.stop.agreed()
                 due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
                 if due or signum or step == cfg.train.steps:

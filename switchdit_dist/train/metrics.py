@@ -130,6 +130,7 @@ class MetricsWriter:
         start_step: int,
     ):
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.jsonl = None
         self.tb = None
         self.bar = None
@@ -165,6 +166,16 @@ class MetricsWriter:
                     self.tb.add_scalar(f"routing/block{block:02d}/expert{expert}", frac, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record.get('img_per_s', 0):.1f}")
+
+    def log_validation(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if value is not None:
+                    self.tb.add_scalar(f"val/{key}", value, step)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
