@@ -113,6 +113,7 @@ class LoggingSection:
     gate_image_every: int = 1000  # steps between gate-probability images (0 = never)
     val_every: int = 0  # steps between validation losses on data.validation_shards (0 = never)
     val_batches: int = 8  # micro-batches per rank in the fixed validation set
+    record_keys: bool = False  # every rank writes the sample keys of each micro-batch to RUN_DIR/keys/
     tensorboard: bool = True
     progress: bool = True
 

@@ -64,10 +64,18 @@ def launch(run_dir: Path, digits: Path, *overrides: str, fault: str = "", nproc:
         f"data.validation_shards={digits.parent / 'val' / 'manifest.json'}",
         "logging.val_every=3",
         "logging.val_batches=2",
+        "logging.record_keys=true",
         *overrides,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+def failure(proc) -> str:
+    """What a failed launch printed that explains it: every rank's error lines, then the tail."""
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "Error" in line or "error" in line]
+    return "\n".join(errors[-40:]) + "\n---\n" + text[-2000:]
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
@@ -84,6 +92,14 @@ def validation_by_step(run_dir: Path) -> dict[int, dict]:
     for line in (run_dir / "validation.jsonl").read_text().splitlines():
         record = json.loads(line)
         out[record.pop("step")] = record
+    return out
+
+
+def keys_by_step(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    out = {}
+    for line in (run_dir / "keys" / f"rank{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["keys"]
     return out
 
 
@@ -115,7 +131,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 def run_a(tmp_path_factory, digits):
     run_dir = tmp_path_factory.mktemp("run") / "A"
     proc = launch(run_dir, digits)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     return run_dir
 
 
@@ -175,7 +191,7 @@ def test_kill9_during_step_8_resumes_from_step_6_exactly(run_a, tmp_path, digits
     assert crashed.returncode != 0
     assert latest(run_b) == "step_00000006"
     resumed = launch(run_b, digits)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
     a, b = losses_by_step(run_a), losses_by_step(run_b)
     assert [b[s] for s in range(7, 13)] == [a[s] for s in range(7, 13)]
@@ -189,13 +205,19 @@ def test_sigterm_during_step_7_checkpoints_and_resumes_exactly(run_a, tmp_path, 
     assert latest(run_c) == "step_00000007"
     assert max(losses_by_step(run_c)) == 7
     resumed = launch(run_c, digits)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     a, c = losses_by_step(run_a), losses_by_step(run_c)
     assert [c[s] for s in range(8, 13)] == [a[s] for s in range(8, 13)]
     assert_same_state(final_state(run_a), final_state(run_c))
     # the validation curve (fixed noise and timesteps) of the resumed run equals the uninterrupted one
     val_a, val_c = validation_by_step(run_a), validation_by_step(run_c)
     assert sorted(val_a) == [3, 6, 9, 12] and val_c == val_a
+    # the data order: keys before the stop plus after the resume equal the uninterrupted run's, per rank
+    for rank in (0, 1):
+        keys_a, keys_c = keys_by_step(run_a, rank), keys_by_step(run_c, rank)
+        assert keys_c == keys_a and len(keys_a) == 12
+        flat = [k for step in sorted(keys_a) for k in keys_a[step]]
+        assert len(flat) == len(set(flat)) == 12 * 8  # no sample repeated within the epoch
 
 
 def test_crash_while_writing_checkpoint_keeps_previous(run_a, tmp_path, digits):
@@ -206,7 +228,7 @@ def test_crash_while_writing_checkpoint_keeps_previous(run_a, tmp_path, digits):
     partial = run_d / "checkpoints" / "step_00000006"
     assert partial.is_dir() and not (partial / "COMPLETE").exists()
     resumed = launch(run_d, digits)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resumed from step 3" in resumed.stdout + resumed.stderr
     a, d = losses_by_step(run_a), losses_by_step(run_d)
     assert [d[s] for s in range(4, 13)] == [a[s] for s in range(4, 13)]
@@ -217,7 +239,7 @@ def test_zero_stages_agree(run_a, tmp_path, digits):
     for stage in (0, 1):
         run = tmp_path / f"zero{stage}"
         proc = launch(run, digits, f"parallel.zero_stage={stage}", "train.steps=4", "checkpoint.every=0")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, failure(proc)
         losses = losses_by_step(run)
         for step in range(1, 5):
             assert losses[step] == pytest.approx(a[step], rel=1e-5), (stage, step)
@@ -236,7 +258,7 @@ def test_changed_model_config_is_refused(run_a, tmp_path, digits):
 def test_nonfinite_step_is_skipped_on_every_rank(run_a, tmp_path, digits):
     run = tmp_path / "nan"
     proc = launch(run, digits, "train.steps=6", "checkpoint.every=0", fault="nan@3:1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure(proc)
     records = {
         json.loads(line)["step"]: json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -263,3 +285,27 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path, digits):
     assert "3 consecutive steps (up to step 6) had a non-finite loss" in proc.stderr
     assert latest(run) == "step_00000003"
     assert max(losses_by_step(run)) == 5  # the run stops inside step 6, before its log line
+
+
+def test_failed_checkpoint_write_keeps_previous_and_stops(tmp_path, digits):
+    run = tmp_path / "diskfull"
+    proc = launch(run, digits, fault="checkpoint_write_error@6")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "checkpoint write to" in text and "No space left on device" in text
+    assert "latest complete checkpoint is still step 3" in text
+    assert latest(run) == "step_00000003"
+    assert not (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+    resumed = launch(run, digits)  # the previous checkpoint is loadable
+    assert resumed.returncode == 0, failure(resumed)
+    assert "resumed from step 3" in resumed.stdout + resumed.stderr
+
+
+def test_failed_checkpoint_write_can_retry_at_the_next_interval(tmp_path, digits):
+    run = tmp_path / "retry"
+    proc = launch(
+        run, digits, "checkpoint.on_write_error=retry", "train.steps=9", fault="checkpoint_write_error@6"
+    )
+    assert proc.returncode == 0, failure(proc)
+    assert latest(run) == "step_00000009"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000009"]

@@ -9,16 +9,21 @@ parallel layout are checked before anything reaches ``sbatch``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from switchdit_dist.errors import UserError
+
+if TYPE_CHECKING:  # the config module imports torch; `switchdit submit --help` should not
+    from switchdit_dist.config import Config
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "launchers" / "slurm.sbatch.tmpl"
 SCRIPT_NAME = "job.sbatch"
@@ -26,7 +31,7 @@ CONFIG_NAME = "job-config.yaml"  # the trainer writes its own config.yaml; this 
 MAX_SIGNAL_SECONDS = 65535  # Slurm stores the --signal time in 16 bits
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 # Characters #SBATCH lines cannot carry: Slurm does not unquote directive values.
-_UNSAFE_PATH = re.compile(r"[\s'\"\\$`]")
+_UNSAFE = re.compile(r"[\s'\"\\$`]")
 
 
 @dataclass
@@ -55,6 +60,10 @@ class SubmitConfig:
         if self.tasks_per_node is not None:
             return self.tasks_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def resolved_job_name(self) -> str:
+        return self.job_name if self.job_name is not None else f"switchdit-{self.config.stem}"
 
     @property
     def world_size(self) -> int:
@@ -123,19 +132,19 @@ def check_expert_layout(ep_size: int, ranks_per_node: int, nodes: int) -> None:
 
 
 def _check_path(path: Path, what: str) -> None:
-    if _UNSAFE_PATH.search(str(path)):
+    if _UNSAFE.search(str(path)):
         raise UserError(
             f"{what} {str(path)!r}: #SBATCH lines cannot hold spaces, quotes, '$' or '\\' in a path"
         )
 
 
 def _check_token(value: str | None, option: str) -> None:
-    if value is not None and (not value or re.search(r"[\s'\"\\$`]", value)):
-        raise UserError(f"{option} {value!r}: expected a non-empty name without spaces or quotes")
+    if value is not None and (not value or _UNSAFE.search(value)):
+        raise UserError(f"{option} {value!r}: expected a non-empty value without spaces, quotes, '$' or '\\'")
 
 
-def check_submit_config(sub: SubmitConfig):
-    """Validate arguments and the config's layout; returns the loaded Config."""
+def check_submit_config(sub: SubmitConfig) -> Config:
+    """Validate arguments and the config's layout; returns the loaded config."""
     from switchdit_dist.config import load_config, validate
     from switchdit_dist.data.config import validate as validate_data
 
@@ -170,13 +179,10 @@ def check_submit_config(sub: SubmitConfig):
         (sub.partition, "--partition"),
         (sub.account, "--account"),
         (sub.qos, "--qos"),
-        (sub.job_name, "--job-name"),
+        (sub.constraint, "--constraint"),
+        (sub.resolved_job_name, "--job-name"),
     ]:
         _check_token(value, option)
-    if sub.constraint is not None and (not sub.constraint or re.search(r"[\s'\"\\$`]", sub.constraint)):
-        raise UserError(
-            f"--constraint {sub.constraint!r}: expected a feature expression without spaces or quotes"
-        )
     _check_path(Path.cwd(), "the current directory")
     if sub.run_dir is not None:
         _check_path(sub.run_dir.absolute(), "--run-dir")
@@ -189,13 +195,11 @@ def check_submit_config(sub: SubmitConfig):
     return config
 
 
-def check_resume_layout(run_dir: Path, config, world_size: int) -> None:
+def check_resume_layout(run_dir: Path, config: Config, world_size: int) -> None:
     """A run directory with a checkpoint resumes from it: the layout and model must match it.
 
     The trainer refuses a mismatch too, but only after the job has waited in the queue.
     """
-    import json
-
     from switchdit_dist.train.checkpoint import find_resume_point
 
     checkpoint = find_resume_point(run_dir / "checkpoints")
@@ -219,7 +223,7 @@ def check_resume_layout(run_dir: Path, config, world_size: int) -> None:
 
 
 def default_run_dir(config_path: Path) -> Path:
-    return Path("runs") / f"{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{config_path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def render_template(template: str, values: dict[str, str], source: str = "template") -> str:
@@ -270,7 +274,7 @@ def render_script(sub: SubmitConfig, run_dir: Path) -> str:
     ]
     resources += [f"--{name}={value}" for name, value in optional if value is not None]
     values = {
-        "job_name": sub.job_name or f"switchdit-{sub.config.stem}",
+        "job_name": sub.resolved_job_name,
         "nodes": str(sub.nodes),
         "tasks_per_node": str(sub.ranks_per_node),
         "resource_lines": "\n".join(f"#SBATCH {line}" for line in resources),

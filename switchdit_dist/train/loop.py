@@ -226,6 +226,8 @@ class Trainer:
                     batch = next(batches)
                     compute_start = time.perf_counter()
                     stats.data_wait += compute_start - wait_start
+                    if cfg.logging.record_keys:
+                        self._record_keys(step, micro, batch.keys)
                     self._micro_step(batch, step, micro, stats)
                     stats.compute += time.perf_counter() - compute_start
                 if self._step_was_skipped():
@@ -271,6 +273,15 @@ class Trainer:
         if exit_code == 0 and env.is_main:
             print(f"training finished at step {step}; run directory {self.run_dir}", flush=True)
         return exit_code
+
+    def _record_keys(self, step: int, micro: int, keys: list[str]) -> None:
+        """An audit trail of the data order (a resumed run appends the replayed steps again)."""
+        import json
+
+        folder = self.run_dir / "keys"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"rank{self.env.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "micro": micro, "keys": list(keys)}) + "\n")
 
     def _step_was_skipped(self) -> bool:
         # DeepSpeed skips by itself under some ZeRO stages/precisions (engine.was_step_applied);

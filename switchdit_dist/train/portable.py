@@ -142,7 +142,18 @@ def _full_moment(base: torch.optim.Optimizer, param: torch.nn.Parameter, key: st
 
 
 def _step_count(base: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
-    return _adam_state(base, param)["step"].detach().float().cpu().reshape(())
+    """Adam's step count for ``param``. Under ZeRO a rank whose partition misses the parameter
+    does not know its group, so the count is the maximum over the parameter's group (collective)."""
+    if not _is_partitioned(param):
+        return _adam_state(base, param)["step"].detach().float().cpu().reshape(())
+    local = param._hp_mapping is not None
+    value = _adam_state(base, param)["step"].detach().float().reshape(1) if local else None
+    count = torch.zeros(1, dtype=torch.float32, device=param.device)
+    if value is not None:
+        count.copy_(value)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=param._dp_group)
+    return count.cpu().reshape(())
 
 
 def _keeper(param: torch.nn.Parameter, index: int) -> bool:
@@ -177,8 +188,9 @@ def gather_full_state(
             moment = _full_moment(base, p, key)
             if keep:
                 out[optim_key(name, key)] = moment.detach().float().cpu().clone()
+        step = _step_count(base, p)
         if keep:
-            out[optim_key(name, "step")] = _step_count(base, p)
+            out[optim_key(name, "step")] = step
     return out
 
 
@@ -274,28 +286,35 @@ def _install(engine, placement: ExpertPlacement, values: dict[str, torch.Tensor]
 
     link_optimizer_state(engine)
     base = _base_optimizer(engine)
-    flat_steps: dict[int, tuple[torch.Tensor, float]] = {}
+    partitioned_steps: list[float] = []
     for name, p in global_parameters(engine.module, placement):
         weight = values[model_key(name)]
         p.data.copy_(weight.to(device=p.device, dtype=p.dtype))
         if _is_partitioned(p):
-            safe_set_full_fp32_param(p, weight.to(p.device))
+            safe_set_full_fp32_param(p, weight.to(p.device))  # only this rank's fragment, if any
         if not p.requires_grad:
+            continue
+        step = float(values[optim_key(name, "step")])
+        if _is_partitioned(p):
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, values[optim_key(name, key)].to(p.device), key)
+            partitioned_steps.append(step)
             continue
         state = _adam_state(base, p)
         for key in ADAM_KEYS:
-            value = values[optim_key(name, key)]
-            if _is_partitioned(p):
-                safe_set_full_optimizer_state(p, value.to(p.device), key)
-            else:
-                state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
-        step = float(values[optim_key(name, "step")])
-        # Under ZeRO one flat partition steps for all its parameters: it takes the largest count
-        # (they differ only when a ZeRO 0 run left some parameter without a gradient for a step).
-        previous = flat_steps.get(id(state), (state["step"], -1.0))[1]
-        flat_steps[id(state)] = (state["step"], max(previous, step))
-    for step_tensor, value in flat_steps.values():
-        step_tensor.fill_(value)
+            state[key].copy_(
+                values[optim_key(name, key)].to(device=state[key].device, dtype=state[key].dtype)
+            )
+        state["step"].fill_(step)
+    if partitioned_steps:
+        # Under ZeRO every flat partition steps for all of its parameters at once: it takes the
+        # largest count (counts differ only when a ZeRO 0 run left a parameter without a gradient).
+        for group in base.param_groups:
+            for flat in group["params"]:
+                state = base.state[flat]
+                if not state:
+                    state.update(_new_adam_state(flat))
+                state["step"].fill_(max(partitioned_steps))
 
 
 def _restore_counters(engine, counters: dict[str, Any], source: Path) -> None:
