@@ -33,7 +33,7 @@ demo: venv
 	$(BIN)/switchdit launch --nproc 2 -- train --config configs/demo.yaml --run-dir $(DEMO_DIR) $(DEMO_ARGS) && \
 	$(BIN)/switchdit convert $(DEMO_DIR) $(DEMO_DIR)/model-ema.safetensors --weights ema && \
 	$(BIN)/switchdit sample --checkpoint $(DEMO_DIR)/model-ema.safetensors --classes 0,1,2,3,4,5,6,7,8,9 \
-		--per-class 10 --cfg-scale 2.0 --steps 250 --seed 0 --out $(DEMO_DIR)/samples.png \
+		--per-class 10 --cfg-scale 3.0 --sampler ddpm --steps 100 --seed 0 --out $(DEMO_DIR)/samples.png \
 		--npz $(DEMO_DIR)/samples.npz && \
 	echo "" && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s" && \

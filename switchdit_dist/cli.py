@@ -1,4 +1,4 @@
-"""The ``switchdit`` command.
+"""switchdit: prepare data, train, launch, export, sample and evaluate Switch-DiT models.
 
 Thin on purpose: each subcommand lives in the module that does the work, which provides
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their

@@ -138,8 +138,16 @@ def resume_worker(rank: int, world: int, run_dir: str, overrides: list[str], wit
     return buffer.getvalue()
 
 
-def resumed(run_dir: Path, data: Path, world: int, ep_size: int, with_outputs: bool = False) -> dict:
-    overrides = [f"data.shards={data}", *COMMON, f"parallel.ep_size={ep_size}", "logging.tensorboard=false"]
+def resumed(
+    run_dir: Path, data: Path, world: int, ep_size: int, with_outputs: bool = False, zero_stage: int = 2
+) -> dict:
+    overrides = [
+        f"data.shards={data}",
+        *COMMON,
+        f"parallel.ep_size={ep_size}",
+        f"parallel.zero_stage={zero_stage}",
+        "logging.tensorboard=false",
+    ]
     results = [
         torch.load(io.BytesIO(raw), weights_only=True)
         for raw in run_distributed(resume_worker, world, str(run_dir), overrides, with_outputs, timeout=300)
@@ -161,6 +169,12 @@ def two_to_one(tmp_path_factory, run_2proc, same_sample_data):
 def one_to_two(tmp_path_factory, run_1proc, same_sample_data):
     run_dir = copy_of_checkpoint(run_1proc, RESUME_AT, tmp_path_factory.mktemp("resharded") / "to_two")
     return run_dir, resumed(run_dir, same_sample_data, world=2, ep_size=2, with_outputs=True)
+
+
+@pytest.fixture(scope="module")
+def zero2_to_zero1(tmp_path_factory, run_2proc, same_sample_data):
+    run_dir = copy_of_checkpoint(run_2proc, RESUME_AT, tmp_path_factory.mktemp("resharded") / "zero1")
+    return run_dir, resumed(run_dir, same_sample_data, world=2, ep_size=2, zero_stage=1)
 
 
 # --- the source checkpoint, read from DeepSpeed's own files ----------------------------------------
@@ -259,6 +273,15 @@ def test_one_process_checkpoint_resumes_on_two_processes(run_1proc, one_to_two):
     assert_state_carried_over(source, after)
     assert_same_losses(run_dir, run_1proc)
     assert json.loads((checkpoint_dir(run_dir, STEPS) / "meta.json").read_text())["ep_size"] == 2
+
+
+def test_zero2_checkpoint_resumes_under_zero1_on_the_same_processes(run_2proc, zero2_to_zero1):
+    """Same processes, another ZeRO stage: the portable copy again, and each rank keeps its own data
+    position and RNG state (the same number of ranks), so the losses match the original run."""
+    run_dir, after = zero2_to_zero1
+    assert_state_carried_over(checkpoint_dir(run_2proc, RESUME_AT), after)
+    assert_same_losses(run_dir, run_2proc)
+    assert json.loads((checkpoint_dir(run_dir, STEPS) / "meta.json").read_text())["zero_stage"] == 1
 
 
 @pytest.mark.parametrize("weights", ["model", "ema"])

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory named by ``path`` (a run directory or a checkpoint directory)."""
+    """The checkpoint named by ``path``: a run directory or its checkpoints/ folder (the newest
+    complete checkpoint), or one checkpoint directory."""
     from switchdit_dist.train.checkpoint import find_resume_point, is_complete
 
     path = Path(path)
@@ -77,10 +78,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(
             f"{path}: no such directory (expected a run directory or a checkpoints/step_* directory)"
         )
-    if (path / "checkpoints").is_dir():
-        found = find_resume_point(path / "checkpoints")
+    # a run directory, or its checkpoints/ folder
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if folder is not path or any(folder.glob("step_*/")):
+        found = find_resume_point(folder)
         if found is None:
-            raise UserError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+            raise UserError(f"{path}: no complete checkpoint under {folder}")
         return found
     if not (path / "meta.json").is_file() and not path.name.startswith("step_"):
         raise UserError(

@@ -107,7 +107,9 @@ class Trainer:
         if path is None:
             return 0
         meta = self.checkpoints.check_compatible(path, self.config.model_hash(), vars(self.config.model))
-        if meta["world_size"] != self.env.world_size or meta["ep_size"] != self.config.parallel.ep_size:
+        layout = (self.env.world_size, self.config.parallel.ep_size, self.config.parallel.zero_stage)
+        if (meta["world_size"], meta["ep_size"], meta.get("zero_stage")) != layout:
+            # DeepSpeed reads its MoE/ZeRO files only in the layout that wrote them
             return self._resume_resharded(path, meta)
         load_path, _ = self.engine.load_checkpoint(
             str(self.checkpoints.dir),
@@ -126,9 +128,9 @@ class Trainer:
         return int(side["step"])
 
     def _resume_resharded(self, path: Path, meta: dict[str, Any]) -> int:
-        """A checkpoint of another layout (number of processes or parallel.ep_size): weights, Adam
-        state and EMA come from its portable copy (``portable.py``). With another number of ranks the
-        data loader cannot continue mid-epoch: it starts the next epoch."""
+        """A checkpoint of another layout (number of processes, parallel.ep_size or zero_stage):
+        weights, Adam state and EMA come from its portable copy (``portable.py``). With another number
+        of ranks the data loader cannot continue mid-epoch: it starts the next epoch."""
         names = [n for n, _ in self.module.named_parameters()]
         same_ranks = meta["world_size"] == self.env.world_size
         resumed = portable.resume_resharded(
@@ -142,8 +144,8 @@ class Trainer:
         if self.env.is_main:
             print(
                 f"resharded {path}: written by {meta['world_size']} process(es) with parallel.ep_size="
-                f"{meta['ep_size']}, resumed on {self.env.world_size} with "
-                f"ep_size={self.config.parallel.ep_size}",
+                f"{meta['ep_size']}, zero_stage={meta.get('zero_stage')}; resumed on {self.env.world_size} "
+                f"with ep_size={self.config.parallel.ep_size}, zero_stage={self.config.parallel.zero_stage}",
                 flush=True,
             )
         return resumed.step

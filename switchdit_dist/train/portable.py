@@ -68,18 +68,138 @@ def global_parameters(
     ]
 
 
-# --- the optimizer under each ZeRO stage --------------------------------------------------------
+# --- the Adam state under each ZeRO stage and precision -----------------------------------------
 
 
-def _base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer that holds the Adam state (wrapped by DeepSpeed under ZeRO 1/2 and bf16)."""
-    inner = getattr(engine.optimizer, "optimizer", None)
-    return inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
+class AdamView:
+    """Full-tensor access to the fp32 weights and Adam state of an engine's parameters.
 
+    DeepSpeed keeps them in one of three ways:
 
-def _is_partitioned(param: torch.nn.Parameter) -> bool:
-    # DeepSpeed links every parameter it partitions (ZeRO 1/2, bf16 optimizer) to its fp32 fragment.
-    return hasattr(param, "_hp_mapping")
+    - partitioned (ZeRO 1/2 in any precision, the bf16 optimizer): each rank holds fragments of flat
+      fp32 partitions; parameters carry ``_hp_mapping``, and ``safe_get/set_full_*`` assemble or
+      scatter full tensors (the getters all-reduce over the parameter's data-parallel group);
+    - master copies (ZeRO 0 with the unfused fp16/bf16 optimizer): one fp32 master per parameter,
+      stepped by the torch optimizer;
+    - plain (ZeRO 0 in fp32): the torch optimizer steps the parameters themselves.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        inner = getattr(engine.optimizer, "optimizer", None)
+        self.base: torch.optim.Optimizer = (
+            inner if isinstance(inner, torch.optim.Optimizer) else engine.optimizer
+        )
+        low, high = (getattr(engine.optimizer, k, None) or [] for k in ("fp16_groups", "fp32_groups"))
+        self.masters = {id(p): m for lg, hg in zip(low, high) for p, m in zip(lg, hg)}
+        self.stepped = {id(t) for group in self.base.param_groups for t in group["params"]}
+        self._link()
+
+    @staticmethod
+    def partitioned(param: torch.nn.Parameter) -> bool:
+        return hasattr(param, "_hp_mapping")
+
+    def _holder(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor the torch optimizer steps for ``param``: its flat partition, master or itself."""
+        if self.partitioned(param):
+            holder = self.base.param_groups[param._hp_mapping.param_group_index]["params"][0]
+        else:
+            holder = self.masters.get(id(param), param)
+        if id(holder) not in self.stepped:
+            raise RuntimeError(
+                "cannot find the optimizer state of a parameter under "
+                f"{type(self.engine.optimizer).__name__}; the portable copy supports ZeRO 1/2, and "
+                "ZeRO 0 with fp32 or DeepSpeed's unfused fp16/bf16 optimizer"
+            )
+        return holder
+
+    def state(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """``param``'s Adam state, created (zero, step 0) if the optimizer has not stepped yet, as
+        torch's AdamW would on its first step."""
+        holder = self._holder(param)
+        state = self.base.state[holder]
+        if not state:
+            state.update(_new_adam_state(holder))
+        return state
+
+    def _link(self) -> None:
+        """Point every partitioned parameter's fragment views at its current Adam state.
+
+        DeepSpeed links them once, after the first optimizer step; a fresh engine (resume) has none
+        yet, and a first step skipped for non-finite gradients would leave them empty.
+        """
+        for p in self.engine.module.parameters():
+            if p.requires_grad and self.partitioned(p) and p._hp_mapping is not None:
+                p._hp_mapping.set_optim_state_fragment(self._holder(p), self.state(p))
+
+    # --- reading (collective under ZeRO 1/2) ---
+
+    def full_weight(self, param: torch.nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if self.partitioned(param):
+            return safe_get_full_fp32_param(param)
+        return self.masters.get(id(param), param).detach().float()
+
+    def full_moment(self, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if self.partitioned(param):
+            return safe_get_full_optimizer_state(param, key)
+        return self.state(param)[key].detach()
+
+    def step_count(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """Adam's step count (0-dim). Under ZeRO a rank whose partition misses the parameter does not
+        know its group, so the count is the maximum over the parameter's group (collective)."""
+        if not self.partitioned(param):
+            return self.state(param)["step"].detach().float().cpu().reshape(())
+        count = torch.zeros(1, dtype=torch.float32, device=param.device)
+        if param._hp_mapping is not None:
+            count.copy_(self.state(param)["step"].detach().float().reshape(1))
+        if dist.is_initialized():
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=param._dp_group)
+        return count.cpu().reshape(())
+
+    # --- writing (local: each rank sets its own fragments) ---
+
+    @torch.no_grad()
+    def set_weight(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+        if self.partitioned(param):
+            safe_set_full_fp32_param(param, value.to(param.device))
+        elif id(param) in self.masters:
+            master = self.masters[id(param)]
+            master.data.copy_(value.to(device=master.device, dtype=master.dtype))
+
+    @torch.no_grad()
+    def set_moment(self, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if self.partitioned(param):
+            safe_set_full_optimizer_state(param, value.to(param.device), key)
+        else:
+            target = self.state(param)[key]
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    @torch.no_grad()
+    def set_steps(self, steps: dict[int, float]) -> None:
+        """Step counts by ``id(param)``. Under ZeRO one flat partition steps for all its parameters:
+        every partition takes the largest count (counts differ only when a ZeRO 0 run left a
+        parameter without a gradient for some steps)."""
+        params = [p for p in self.engine.module.parameters() if id(p) in steps]
+        partitioned = [steps[id(p)] for p in params if self.partitioned(p)]
+        for p in params:
+            if not self.partitioned(p):
+                self.state(p)["step"].fill_(steps[id(p)])
+        if partitioned:
+            for group in self.base.param_groups:
+                for flat in group["params"]:
+                    state = self.base.state[flat]
+                    if not state:
+                        state.update(_new_adam_state(flat))
+                    state["step"].fill_(max(partitioned))
 
 
 def _new_adam_state(like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,78 +210,15 @@ def _new_adam_state(like: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _flat_partition(base: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
-    group = base.param_groups[param._hp_mapping.param_group_index]
-    if len(group["params"]) != 1:
-        raise RuntimeError(
-            f"expected one flat fp32 partition per optimizer group under ZeRO, found {len(group['params'])}"
-        )
-    return group["params"][0]
-
-
-def _adam_state(base: torch.optim.Optimizer, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
-    """The Adam state that holds ``param``'s moments (its flat partition's under ZeRO), created
-    (zero, step 0) if the optimizer has not stepped yet, as torch's AdamW would on its first step."""
-    holder = _flat_partition(base, param) if _is_partitioned(param) else param
-    state = base.state[holder]
-    if not state:
-        state.update(_new_adam_state(holder))
-    return state
-
-
-def link_optimizer_state(engine) -> None:
-    """Point every partitioned parameter's fragment view at its current Adam state.
-
-    DeepSpeed links the views once, after the first optimizer step; a fresh engine (resume) has
-    none yet, and a first step skipped for non-finite gradients would leave them empty.
-    """
-    base = _base_optimizer(engine)
-    for p in engine.module.parameters():
-        if p.requires_grad and _is_partitioned(p) and p._hp_mapping is not None:
-            flat = _flat_partition(base, p)
-            p._hp_mapping.set_optim_state_fragment(flat, _adam_state(base, p))
-
-
 # --- gathering full tensors ---------------------------------------------------------------------
-
-
-def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    if _is_partitioned(param):
-        return safe_get_full_fp32_param(param)
-    return param.detach().float()
-
-
-def _full_moment(base: torch.optim.Optimizer, param: torch.nn.Parameter, key: str) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if _is_partitioned(param):
-        return safe_get_full_optimizer_state(param, key)
-    return _adam_state(base, param)[key].detach()
-
-
-def _step_count(base: torch.optim.Optimizer, param: torch.nn.Parameter) -> torch.Tensor:
-    """Adam's step count for ``param``. Under ZeRO a rank whose partition misses the parameter
-    does not know its group, so the count is the maximum over the parameter's group (collective)."""
-    if not _is_partitioned(param):
-        return _adam_state(base, param)["step"].detach().float().cpu().reshape(())
-    local = param._hp_mapping is not None
-    value = _adam_state(base, param)["step"].detach().float().reshape(1) if local else None
-    count = torch.zeros(1, dtype=torch.float32, device=param.device)
-    if value is not None:
-        count.copy_(value)
-    if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=param._dp_group)
-    return count.cpu().reshape(())
 
 
 def _keeper(param: torch.nn.Parameter, index: int) -> bool:
     """Whether this rank keeps the full tensors of parameter number ``index``: round robin over the
     ranks of its data-parallel group (all of them hold the full tensor after the all-reduce)."""
-    group = getattr(param, "_dp_group", None)
-    if not (_is_partitioned(param) and dist.is_initialized()):
-        return True  # unpartitioned: every rank has it; DCP writes replicated keys once
+    if not (AdamView.partitioned(param) and dist.is_initialized()):
+        return True  # not partitioned: every rank has it; DCP writes replicated keys once
+    group = param._dp_group
     return index % dist.get_world_size(group) == dist.get_rank(group)
 
 
@@ -174,21 +231,20 @@ def gather_full_state(
     the keeper of (what ``save_portable`` writes); otherwise every rank returns all of its
     parameters (replicated ones and its own experts).
     """
-    link_optimizer_state(engine)
-    base = _base_optimizer(engine)
+    view = AdamView(engine)
     out: dict[str, torch.Tensor] = {}
     for index, (name, p) in enumerate(global_parameters(engine.module, placement)):
         keep = not owned_only or _keeper(p, index)
-        weight = _full_fp32(p)
+        weight = view.full_weight(p)
         if keep:
             out[model_key(name)] = weight.detach().cpu().clone()
         if not p.requires_grad:
             continue
         for key in ADAM_KEYS:
-            moment = _full_moment(base, p, key)
+            moment = view.full_moment(p, key)
             if keep:
                 out[optim_key(name, key)] = moment.detach().float().cpu().clone()
-        step = _step_count(base, p)
+        step = view.step_count(p)
         if keep:
             out[optim_key(name, "step")] = step
     return out
@@ -279,42 +335,17 @@ def _wanted_tensors(engine, placement: ExpertPlacement, directory: Path) -> dict
     return wanted
 
 
-@torch.no_grad()
 def _install(engine, placement: ExpertPlacement, values: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into the engine: model weights, fp32 masters, Adam moments and steps."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    link_optimizer_state(engine)
-    base = _base_optimizer(engine)
-    partitioned_steps: list[float] = []
+    view = AdamView(engine)
+    steps: dict[int, float] = {}
     for name, p in global_parameters(engine.module, placement):
-        weight = values[model_key(name)]
-        p.data.copy_(weight.to(device=p.device, dtype=p.dtype))
-        if _is_partitioned(p):
-            safe_set_full_fp32_param(p, weight.to(p.device))  # only this rank's fragment, if any
-        if not p.requires_grad:
-            continue
-        step = float(values[optim_key(name, "step")])
-        if _is_partitioned(p):
+        view.set_weight(p, values[model_key(name)])
+        if p.requires_grad:
             for key in ADAM_KEYS:
-                safe_set_full_optimizer_state(p, values[optim_key(name, key)].to(p.device), key)
-            partitioned_steps.append(step)
-            continue
-        state = _adam_state(base, p)
-        for key in ADAM_KEYS:
-            state[key].copy_(
-                values[optim_key(name, key)].to(device=state[key].device, dtype=state[key].dtype)
-            )
-        state["step"].fill_(step)
-    if partitioned_steps:
-        # Under ZeRO every flat partition steps for all of its parameters at once: it takes the
-        # largest count (counts differ only when a ZeRO 0 run left a parameter without a gradient).
-        for group in base.param_groups:
-            for flat in group["params"]:
-                state = base.state[flat]
-                if not state:
-                    state.update(_new_adam_state(flat))
-                state["step"].fill_(max(partitioned_steps))
+                view.set_moment(p, key, values[optim_key(name, key)])
+            steps[id(p)] = float(values[optim_key(name, "step")])
+    view.set_steps(steps)
 
 
 def _restore_counters(engine, counters: dict[str, Any], source: Path) -> None:
