@@ -265,16 +265,25 @@ def test_early_warning_checkpoints_requeues_and_resumes_identically(slurm, digit
     assert json.loads((newest / "meta.json").read_text())["step"] == STEPS
 
 
-def test_resubmitting_a_run_with_another_layout_is_refused(slurm, digits, reference_run, capsys, monkeypatch):
+def test_resubmitting_with_another_layout_needs_the_portable_copy(
+    slurm, digits, reference_run, capsys, monkeypatch
+):
     _, paths, state = reference_run
     assert state == "COMPLETED", batch_log(paths)
     for key, value in slurm.env.items():
         monkeypatch.setenv(key, value)
     run_dir = Path(paths["checkpoints"]).parent
     script_before = (run_dir / "job.sbatch").read_text()
-    # Four ranks instead of the checkpoint's two (a valid layout on its own).
-    argv = submit_args(run_dir, digits, "--nodes", "2", overrides=("train.micro_batch=4",))
-    assert cli.main(argv) == 2
+    # Four ranks instead of the checkpoint's two (a valid layout on its own), from a checkpoint
+    # without its topology-independent copy (as an older one would be): nothing to reshard from.
+    checkpoints = Path(paths["checkpoints"])
+    newest = checkpoints / (checkpoints / "latest").read_text().strip()
+    (newest / "portable").rename(newest / "portable.hidden")
+    try:
+        argv = submit_args(run_dir, digits, "--nodes", "2", overrides=("train.micro_batch=4",))
+        assert cli.main(argv) == 2
+    finally:
+        (newest / "portable.hidden").rename(newest / "portable")
     err = capsys.readouterr().err
     assert f"resumes from step_{STEPS:08d}, written by 2 ranks with parallel.ep_size=2" in err
     assert "this submission has 4 ranks" in err

@@ -234,15 +234,23 @@ def test_crash_while_writing_checkpoint_keeps_previous(run_a, tmp_path, digits):
     assert [d[s] for s in range(4, 13)] == [a[s] for s in range(4, 13)]
 
 
-def test_zero_stages_agree(run_a, tmp_path, digits):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("parallel.zero_stage=0",),
+        ("parallel.zero_stage=1",),
+        # experts replicated on both ranks (EP 1): their gradients are reduced like dense ones
+        ("parallel.ep_size=1",),
+    ],
+    ids=["zero0", "zero1", "ep1-zero2"],
+)
+def test_zero_stages_and_expert_layouts_agree(run_a, tmp_path, digits, overrides):
     a = losses_by_step(run_a)
-    for stage in (0, 1):
-        run = tmp_path / f"zero{stage}"
-        proc = launch(run, digits, f"parallel.zero_stage={stage}", "train.steps=4", "checkpoint.every=0")
-        assert proc.returncode == 0, failure(proc)
-        losses = losses_by_step(run)
-        for step in range(1, 5):
-            assert losses[step] == pytest.approx(a[step], rel=1e-5), (stage, step)
+    proc = launch(tmp_path / "run", digits, *overrides, "train.steps=4", "checkpoint.every=0")
+    assert proc.returncode == 0, failure(proc)
+    losses = losses_by_step(tmp_path / "run")
+    for step in range(1, 5):
+        assert losses[step] == pytest.approx(a[step], rel=1e-5), step
 
 
 def test_changed_model_config_is_refused(run_a, tmp_path, digits):

@@ -196,11 +196,13 @@ def check_submit_config(sub: SubmitConfig) -> Config:
 
 
 def check_resume_layout(run_dir: Path, config: Config, world_size: int) -> None:
-    """A run directory with a checkpoint resumes from it: the layout and model must match it.
+    """A run directory with a checkpoint resumes from it: the model must match it, and so must the
+    layout unless the checkpoint carries the topology-independent copy the trainer reshards from.
 
     The trainer refuses a mismatch too, but only after the job has waited in the queue.
     """
     from switchdit_dist.train.checkpoint import find_resume_point
+    from switchdit_dist.train.portable import has_portable
 
     checkpoint = find_resume_point(run_dir / "checkpoints")
     if checkpoint is None or not (checkpoint / "meta.json").is_file():
@@ -211,11 +213,15 @@ def check_resume_layout(run_dir: Path, config: Config, world_size: int) -> None:
             f"--run-dir {run_dir} holds checkpoint {checkpoint.name} of a different model (model section "
             "changed); use a new --run-dir or the model settings it was trained with"
         )
-    if meta.get("world_size", world_size) != world_size or meta.get("ep_size") != config.parallel.ep_size:
+    layout_changed = (
+        meta.get("world_size", world_size) != world_size or meta.get("ep_size") != config.parallel.ep_size
+    )
+    if layout_changed and not has_portable(checkpoint):
         raise UserError(
             f"--run-dir {run_dir} resumes from {checkpoint.name}, written by {meta.get('world_size')} ranks "
             f"with parallel.ep_size={meta.get('ep_size')}; this submission has {world_size} ranks with "
-            f"parallel.ep_size={config.parallel.ep_size}. Submit the same layout or use a new --run-dir"
+            f"parallel.ep_size={config.parallel.ep_size}, and the checkpoint has no topology-independent "
+            "copy (portable/) to reshard from. Submit the same layout or use a new --run-dir"
         )
 
 

@@ -35,9 +35,11 @@ class ExpertShard(nn.Module):
         ``i % num_local_experts`` (runs arrive grouped by source rank, then by local expert)."""
         outputs = []
         for i, run in enumerate(blocks.split(chunk_sizes)):
-            # An empty run is passed through as is: it keeps the output attached to the received
-            # tensor, so the backward all-to-all runs on every rank even when nothing arrived.
-            outputs.append(self.local_experts[i % self.num_local_experts](run) if run.shape[0] else run)
+            # Every expert runs, on an empty run too: its parameters then get (zero) gradients on
+            # every rank, which keeps the data-parallel gradient reduction of replicated experts
+            # identical across ranks, and the output stays attached to the received tensor, so the
+            # backward all-to-all runs on every rank even when nothing arrived.
+            outputs.append(self.local_experts[i % self.num_local_experts](run))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     @torch.no_grad()
