@@ -202,14 +202,16 @@ class DiT(nn.Module):
         c = self.config
         return [DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)]
 
+    def owns_its_init(self, name: str) -> bool:
+        """Submodules that initialise themselves and are skipped by the xavier pass (none in DiT)."""
+        return False
+
     def initialize_weights(self) -> None:
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not self.owns_its_init(name):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
         grid = int(self.config.num_patches**0.5)
         self.pos_embed.data.copy_(
             torch.from_numpy(sincos_pos_embed_2d(self.config.hidden_size, grid)).float()[None]

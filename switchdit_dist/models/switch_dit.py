@@ -96,10 +96,14 @@ class SwitchDiT(DiT):
         c = self.config
         return [SwitchDiTBlock(c, self._experts_factory(c, i)) for i in range(c.depth)]
 
+    def owns_its_init(self, name: str) -> bool:
+        # Experts keep their own (zero) init, and skipping them keeps the random stream of every
+        # other weight independent of how many experts a rank holds: the same seed gives the same
+        # model on any expert-parallel layout.
+        return ".moe." in f".{name}."
+
     def initialize_weights(self) -> None:
-        # DiT's initialisation (xavier everywhere) would overwrite the experts' zero init, so
-        # re-apply it afterwards; the router keeps xavier like any other linear.
-        super().initialize_weights()
+        super().initialize_weights()  # xavier for every linear but the experts; the router included
         for block in self.blocks:
             for module in block.moe.modules():
                 if hasattr(module, "reset_expert_parameters"):
