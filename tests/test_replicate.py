@@ -69,3 +69,20 @@ def test_table_marks_missing_validation_losses():
 
     table = format_table([EvalPoint("dit", 5, 10.0, 0.5, None), EvalPoint("switch-dit", 5, 5.0, 0.6, 0.3)])
     assert table.splitlines()[1].split() == ["5", "10.00", "5.00", "0.50", "0.500", "0.600", "-", "0.3000"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--steps", "7"], "--steps must be a positive multiple of 3"), (["--bogus"], "unknown argument")],
+)
+def test_script_rejects_bad_arguments_before_doing_anything(tmp_path, args, message):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "replicate_small.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--out", str(tmp_path / "out"), *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
