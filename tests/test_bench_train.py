@@ -169,4 +169,4 @@ def test_bad_arguments_are_reported(args, message, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_a_gpu_is_reported(capsys):
     assert cli_main(["bench", "train", "--tiny", "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "no CUDA device is available here" in capsys.readouterr().err

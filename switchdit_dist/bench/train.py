@@ -38,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from switchdit_dist.devices import resolve_device
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.registry import SIZES, build_model, model_config
 
@@ -163,20 +164,6 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         compile=args.compile,
         sdpa=args.sdpa,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
 
 
 def parse_batch(text: str, on_gpu: bool) -> int | None:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from switchdit_dist.devices import resolve_device
 from switchdit_dist.errors import UserError
 from switchdit_dist.eval.digits_data import DIGITS_SIZE, NUM_DIGIT_CLASSES
 from switchdit_dist.eval.sampling import SAMPLERS, SamplingConfig
@@ -52,12 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    return resolve_device(name or "auto")
 
 
 def _check_positive(name: str, value: int) -> None:

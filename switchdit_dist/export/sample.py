@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from switchdit_dist.devices import resolve_device
 from switchdit_dist.errors import UserError
 
 SAMPLERS = ("ddpm", "ddim")
@@ -133,18 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- the pieces -------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def recorded_diffusion(path: str) -> dict:
