@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
+
+from switchdit_dist.train.distributed import free_port
 
 # torch._dynamo is imported by the first torch optimizer, the muon module by DeepSpeed's optimizer
 # checks (it runs torch.compile at import): together about 10 s per process on a busy 2-core box.
@@ -28,12 +29,6 @@ PRELOAD = (
     "deepspeed",
     "deepspeed.runtime.zero.muon.muon_optimizer",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:

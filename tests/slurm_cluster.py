@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from switchdit_dist.train.distributed import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "munged"]
 # munged and slurmctld/slurmd live in /usr/sbin, which is not always on a test runner's PATH.
@@ -58,12 +60,6 @@ def ensure_installed() -> None:
     still_missing = [b for b in BINARIES if _find(b) is None]
     if still_missing:
         raise RuntimeError(f"after installing {PACKAGES}, binaries {still_missing} are still missing")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def node_name() -> str:

@@ -38,7 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from switchdit_dist.devices import resolve_device
+from switchdit_dist.devices import matmul_peak_tflops, resolve_device, synchronize
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.registry import SIZES, build_model, model_config
 
@@ -331,11 +331,6 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(runner: TrainStep, inputs: StepInputs, compiled: bool) -> tuple[float, float | None]:
     """Seconds of one step, and on CUDA the step's peak MiB (own persistent state + what it allocated)."""
     device = runner.device
@@ -359,21 +354,6 @@ def tracked_peak_mib(runner: TrainStep, inputs: StepInputs) -> float:
     with tracker:
         runner.step(inputs, compiled=False)
     return (runner.persistent_bytes() + tracker.peak) / 2**20
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """Throughput of one large square matmul in the benchmark's dtype: the MFU denominator."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    synchronize(device)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
 
 
 SEARCH_ITERATION = 10**6  # inputs of the batch search, apart from the timed iterations'

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from switchdit_dist.errors import UserError
 from switchdit_dist.train import param_names
+from switchdit_dist.train.distributed import any_rank
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -113,14 +114,6 @@ class ExpertPlacement:
     is_expert_writer: bool = True  # first rank of its expert-data-parallel group
 
 
-def _all_ok(ok: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
-
-
 class CheckpointManager:
     def __init__(self, run_dir: Path, rank: int, keep: int):
         self.dir = Path(run_dir) / "checkpoints"
@@ -159,7 +152,7 @@ class CheckpointManager:
             error = err
         # The topology-independent copy is written with collectives: every rank joins only if
         # every rank's DeepSpeed files were written.
-        if _all_ok(error is None):
+        if not any_rank(error is not None):
             from switchdit_dist.train.portable import save_portable  # (portable imports this module)
 
             try:
@@ -172,7 +165,7 @@ class CheckpointManager:
                     (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             except OSError as err:
                 error = err
-        if not _all_ok(error is None):
+        if any_rank(error is not None):
             if error is not None:
                 print(f"[rank {self.rank}] checkpoint write to {path} failed: {error}", flush=True)
             return None

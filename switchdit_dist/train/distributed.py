@@ -39,7 +39,7 @@ def setup(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
@@ -62,7 +62,16 @@ def teardown() -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce; local without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -20,9 +20,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        names, shadows, params = [], [], []
+        shadows, params = [], []
         for name, p in model.named_parameters():
-            names.append(name)
             shadows.append(self.shadow[name])
             params.append(p.detach().float())
         torch._foreach_lerp_(shadows, params, 1.0 - self.decay)

@@ -10,7 +10,8 @@ under some of them), and the trainer reads ``last_step_skipped`` to leave the EM
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from switchdit_dist.train.distributed import any_rank
 
 
 def _local_nonfinite(optimizer: torch.optim.Optimizer) -> bool:
@@ -21,14 +22,6 @@ def _local_nonfinite(optimizer: torch.optim.Optimizer) -> bool:
     return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
-def agree_any(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
 def make_guarded(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """A subclass of ``optimizer_cls`` (so DeepSpeed still sees e.g. an AdamW) with the guard."""
 
@@ -36,7 +29,7 @@ def make_guarded(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim
         last_step_skipped = False
 
         def step(self, closure=None):
-            skip = agree_any(_local_nonfinite(self))
+            skip = any_rank(_local_nonfinite(self))
             self.last_step_skipped = skip
             if skip:
                 self.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ draws the same timesteps and noise for the same place.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from switchdit_dist.config import Config, grad_accumulation, save_resolved
+from switchdit_dist.devices import matmul_peak_tflops
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.flops import train_flops_per_image
 from switchdit_dist.models.prior import DiffusionPriorLoss
@@ -87,7 +89,10 @@ class Trainer:
         )
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, env.rank, cfg.checkpoint.keep)
         self.flops_per_image = train_flops_per_image(self.model_config)
-        self.peak_flops = _measured_peak_flops(env.device, self.precision)
+        self.peak_flops = None  # matmul FLOP/s of this GPU in the training dtype: the MFU denominator
+        if env.device.type == "cuda":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.peak_flops = matmul_peak_tflops(env.device, dtype, 8192) * 1e12
         self.validator = None
         if cfg.data.validation_shards and cfg.logging.val_every:
             from switchdit_dist.train.validation import Validator
@@ -278,8 +283,6 @@ class Trainer:
 
     def _record_keys(self, step: int, micro: int, keys: list[str]) -> None:
         """An audit trail of the data order (a resumed run appends the replayed steps again)."""
-        import json
-
         folder = self.run_dir / "keys"
         folder.mkdir(exist_ok=True)
         with open(folder / f"rank{self.env.rank}.jsonl", "a") as f:
@@ -302,8 +305,6 @@ class Trainer:
 
     def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
         """Every rank records its own batch (timesteps, sample keys) of the skipped step."""
-        import json
-
         self.skipped_total += 1
         record = {"step": step, "rank": self.env.rank, "micro_batches": self.nonfinite_batch}
         with open(self.run_dir / "nonfinite.jsonl", "a") as f:
@@ -381,22 +382,3 @@ def _float_or_nan(value) -> float:
     if value is None:
         return math.nan
     return float(value.item() if torch.is_tensor(value) else value)
-
-
-def _measured_peak_flops(device: torch.device, precision: str) -> float | None:
-    """Matmul throughput of this GPU in the training dtype (the MFU denominator); None on CPU."""
-    if device.type != "cuda":
-        return None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    reps = 20
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)

@@ -17,6 +17,11 @@ import torch.distributed as dist
 NUM_BUCKETS = 10
 
 
+def timestep_bucket(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Index of the timestep's tenth of [0, T): the buckets of loss_t0 .. loss_t9."""
+    return (t.long().cpu() * NUM_BUCKETS // num_timesteps).clamp(max=NUM_BUCKETS - 1)
+
+
 class IntervalStats:
     """Sums over the steps since the last log line; reduced across ranks at log time."""
 
@@ -43,7 +48,7 @@ class IntervalStats:
         self.sums["prior"] += prior * n
         self.samples += n
         self.micro_steps += 1
-        bucket = (t.long() * NUM_BUCKETS // self.num_timesteps).clamp(max=NUM_BUCKETS - 1).cpu()
+        bucket = timestep_bucket(t, self.num_timesteps)
         self.bucket_loss.index_add_(0, bucket, per_sample["loss"].detach().double().cpu())
         self.bucket_count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
         if routes is not None:  # [B, N, k] expert indices

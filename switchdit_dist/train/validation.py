@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from switchdit_dist.train.metrics import NUM_BUCKETS
+from switchdit_dist.train.metrics import NUM_BUCKETS, timestep_bucket
 from switchdit_dist.train.seeding import derive_seed
 
 
@@ -74,7 +74,7 @@ class Validator:
                 x_t = diffusion.q_sample(x0, t, noise)
                 out = module(x_t.to(dtype), t, b.y.to(device))
                 loss = diffusion.losses(out.float(), x0, x_t, t, noise)["loss"].double().cpu()
-                bucket = (b.t * NUM_BUCKETS // self.num_timesteps).clamp(max=NUM_BUCKETS - 1)
+                bucket = timestep_bucket(b.t, self.num_timesteps)
                 loss_sum.index_add_(0, bucket, loss)
                 count.index_add_(0, bucket, torch.ones_like(loss))
         finally:
