@@ -128,17 +128,11 @@ class LocalSlurm:
             raise TimeoutError(f"{err}; states seen: {seen}\n{self.describe(job_id)}") from None
         return seen[-1]
 
-    def start_now(self, job_id: str) -> None:
-        """Skip the begin-time delay Slurm puts on a requeued job."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-
     def describe(self, job_id: str) -> str:
         """Job record and the tail of the daemon logs, for assertion messages."""
         parts = [self.run("scontrol", "show", "job", job_id, check=False).stdout]
-        for name in ("slurmctld.log", "slurmd.log"):
-            log = self.root / "log" / name
-            if log.exists():
-                parts.append(f"--- {name} (tail) ---\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        for log in sorted((self.root / "log").glob("slurm*.log")):
+            parts.append(f"--- {log.name} (tail) ---\n" + "\n".join(log.read_text().splitlines()[-15:]))
         return "\n".join(parts)
 
     def queued_jobs(self) -> list[str]:
@@ -159,7 +153,8 @@ class LocalSlurm:
                     wait_until(lambda: not self.queued_jobs(), 60, "the queue to empty")
                 except TimeoutError:
                     pass  # still stop the daemons below
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.processes if name.startswith("slurmd")]
+        for name in [*slurmds, "slurmctld", "munged"]:
             proc = self.processes.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -171,16 +166,24 @@ class LocalSlurm:
                 proc.wait(timeout=15)
 
 
-def write_slurm_conf(
-    root: Path, node: str, cpus: int, ctld_port: int, slurmd_port: int, socket: Path
-) -> Path:
-    conf = root / "slurm.conf"
-    memory = int(total_memory_mb() * 0.9)
-    conf.write_text(
-        f"""\
-# Single-node test cluster; every path lives under {root}.
+def slurm_conf_text(
+    root: Path,
+    ctld_host: str,
+    ctld_addr: str,
+    ctld_port: int,
+    slurmd_port: int,
+    socket: Path,
+    node_lines: str,
+    slurmd_paths: str = "slurmd",
+    extra: str = "",
+) -> str:
+    """The settings every test cluster shares; ``node_lines`` describe its nodes and
+    ``slurmd_paths`` names slurmd's spool, pid and log files (``%n`` is the node name)."""
+    spool = f"{root}/spool" if slurmd_paths == "slurmd" else f"{root}/spool/%n"
+    return f"""\
+# Test cluster; every path lives under {root}.
 ClusterName=switchdit-test
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctld_host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -190,11 +193,11 @@ CredType=cred/munge
 # A short credential lifetime lets a requeued job start again after seconds, not minutes.
 AuthInfo=socket={socket},cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/{slurmd_paths}.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/{slurmd_paths}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -208,10 +211,20 @@ ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=10
 SlurmdParameters=config_overrides
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{extra}{node_lines}
 """
+
+
+def write_slurm_conf(
+    root: Path, node: str, cpus: int, ctld_port: int, slurmd_port: int, socket: Path
+) -> Path:
+    conf = root / "slurm.conf"
+    memory = int(total_memory_mb() * 0.9)
+    nodes = (
+        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN\n"
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     )
+    conf.write_text(slurm_conf_text(root, node, "127.0.0.1", ctld_port, slurmd_port, socket, nodes))
     return conf
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from switchdit_dist.errors import UserError
+from switchdit_dist.train import comm
 
 IMPLS = ("ours", "deepspeed", "dense")
 ROUTINGS = ("balanced", "skewed")
@@ -138,12 +139,12 @@ def time_iteration(layer: nn.Module, x, index, weight, grad_out, group) -> float
     layer.zero_grad(set_to_none=True)
     xi, wi = x.detach().requires_grad_(), weight.detach().requires_grad_()
     if group is not None:
-        dist.barrier(group)
+        comm.barrier(group)
     start = time.perf_counter()
     layer(xi, index, wi).backward(grad_out)
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     if group is not None:
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce_max([elapsed], group=group)
     return elapsed.item() * 1e3
 
 
@@ -198,7 +199,7 @@ def _ep_worker(rank: int, world: int, port: int, config: MoEBenchConfig, results
         rows = measure(config, ep=world, rank=rank, group=dist.group.WORLD)
         if rank == 0:
             results.put(("ok", rows))
-        dist.barrier()
+        comm.barrier()
         dist.destroy_process_group()
     except BaseException:
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))

@@ -1,9 +1,11 @@
 """``switchdit submit``: render the SLURM batch script for a training run and submit it.
 
-The script comes from the readable template ``launchers/slurm.sbatch.tmpl`` and is stored in the
-run directory together with the resolved config it trains with, so that a requeued attempt (or a
-user resubmitting by hand) runs exactly what was submitted. Every argument and the config's
-parallel layout are checked before anything reaches ``sbatch``.
+The script comes from the readable template ``templates/slurm.sbatch.tmpl`` next to this module
+(package data, so a wheel install has it; ``launchers/`` in a checkout links to it; ``--template``
+takes a site's own copy) and is stored in the run directory together with the resolved config it
+trains with, so that a requeued attempt (or a user resubmitting by hand) runs exactly what was
+submitted. Every argument and the config's parallel layout are checked before anything reaches
+``sbatch``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from switchdit_dist.errors import UserError
 if TYPE_CHECKING:  # the config module imports torch; `switchdit submit --help` should not
     from switchdit_dist.config import Config
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "launchers" / "slurm.sbatch.tmpl"
+# Shipped inside the package so that a wheel install finds it; launchers/ links to it for readers.
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "slurm.sbatch.tmpl"
 SCRIPT_NAME = "job.sbatch"
 CONFIG_NAME = "job-config.yaml"  # the trainer writes its own config.yaml; this is what was submitted
 MAX_SIGNAL_SECONDS = 65535  # Slurm stores the --signal time in 16 bits
@@ -107,11 +110,12 @@ def parse_time_limit(text: str) -> int | None:
     )
 
 
-def check_expert_layout(ep_size: int, ranks_per_node: int, nodes: int) -> None:
-    """Expert-parallel groups are consecutive ranks and must not straddle nodes.
+def check_expert_layout(ep_size: int, ranks_per_node: int, nodes: int) -> str | None:
+    """Expert-parallel groups are consecutive ranks: each lies inside one node or spans whole nodes,
+    never part of one. Returns a warning for groups that span nodes.
 
     Their all-to-all moves every token several times per block: inside a node that costs
-    milliseconds, across nodes more than the step's compute (see DESIGN.md).
+    milliseconds, across nodes it can cost more than the step's compute (see ``switchdit plan``).
     """
     world = nodes * ranks_per_node
     if world % ep_size:
@@ -120,15 +124,22 @@ def check_expert_layout(ep_size: int, ranks_per_node: int, nodes: int) -> None:
             f"(--nodes {nodes} x {ranks_per_node} ranks per node)"
         )
     if ep_size > ranks_per_node:
-        raise UserError(
-            f"parallel.ep_size={ep_size} is larger than the {ranks_per_node} ranks per node: expert-parallel "
-            f"groups would span nodes; use --gpus-per-node >= {ep_size} or a smaller parallel.ep_size"
+        if ep_size % ranks_per_node:
+            raise UserError(
+                f"parallel.ep_size={ep_size} is not a multiple of the {ranks_per_node} ranks per node: some "
+                f"expert-parallel group would hold part of a node; use a multiple of {ranks_per_node}"
+            )
+        return (
+            f"parallel.ep_size={ep_size} is larger than the {ranks_per_node} ranks per node: each "
+            f"expert-parallel group spans {ep_size // ranks_per_node} nodes, so every MoE layer's all-to-all "
+            "crosses the network (`switchdit plan` estimates its cost)"
         )
     if ranks_per_node % ep_size:
         raise UserError(
             f"{ranks_per_node} ranks per node is not a multiple of parallel.ep_size={ep_size}: some "
             f"expert-parallel group would span two nodes; use a multiple of {ep_size} per node"
         )
+    return None
 
 
 def _check_path(path: Path, what: str) -> None:
@@ -189,7 +200,9 @@ def check_submit_config(sub: SubmitConfig) -> Config:
 
     config = load_config(sub.config, sub.overrides)
     validate(config, sub.world_size, check_data=False)
-    check_expert_layout(config.parallel.ep_size, sub.ranks_per_node, sub.nodes)
+    warning = check_expert_layout(config.parallel.ep_size, sub.ranks_per_node, sub.nodes)
+    if warning:
+        print(f"switchdit submit: warning: {warning}", file=sys.stderr)
     # The shards are read from the same (shared) filesystem by the job: missing ones fail here.
     validate_data(config.data)
     return config

@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from switchdit_dist.errors import UserError
-from switchdit_dist.train import param_names
-from switchdit_dist.train.distributed import any_rank
+from switchdit_dist.train import comm, param_names
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -145,14 +143,13 @@ class CheckpointManager:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 if path.exists():  # a leftover from a crash at this very step
                     shutil.rmtree(path)
-            if dist.is_initialized():
-                dist.barrier()
+            comm.barrier()
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
         except OSError as err:
             error = err
         # The topology-independent copy is written with collectives: every rank joins only if
         # every rank's DeepSpeed files were written.
-        if not any_rank(error is not None):
+        if not comm.any_rank(error is not None):
             from switchdit_dist.train.portable import save_portable  # (portable imports this module)
 
             try:
@@ -165,7 +162,7 @@ class CheckpointManager:
                     (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             except OSError as err:
                 error = err
-        if any_rank(error is not None):
+        if comm.any_rank(error is not None):
             if error is not None:
                 print(f"[rank {self.rank}] checkpoint write to {path} failed: {error}", flush=True)
             return None
@@ -173,8 +170,7 @@ class CheckpointManager:
             atomic_write_text(path / COMPLETE, f"{step}\n")
             atomic_write_text(self.dir / LATEST, tag + "\n")
             self._prune(current=path)
-        if dist.is_initialized():
-            dist.barrier()
+        comm.barrier()
         return path
 
     def _save_ema(

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from switchdit_dist.errors import UserError
+from switchdit_dist.train import comm
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -26,11 +29,29 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def backend_spec(backend: str, use_cuda: bool) -> str:
+    """The per-device backend string for ``init_process_group``: gloo always carries CPU tensors
+    (NCCL has no CPU backend, and control flags and metric sums start on the CPU), NCCL or gloo
+    the CUDA ones. A string that already names devices (``"cpu:gloo,cuda:nccl"``) is kept."""
+    if ":" in backend:
+        return backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise UserError(f"parallel.backend={backend!r}: expected auto, gloo, nccl or a per-device form")
+    if not use_cuda:
+        if backend == "nccl":
+            raise UserError("parallel.backend=nccl needs CUDA, and none is available here")
+        return "cpu:gloo"
+    return f"cpu:gloo,cuda:{backend}"
+
+
 def setup(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (which then reuses the group).
+    """Create the process group with a backend per device, then hand it to DeepSpeed (which reuses
+    an initialised torch group and only adds its own communication layer on top).
 
     A single process without launcher variables gets a one-rank group on a local port, so that
-    the same code path (DeepSpeed engine, expert groups) runs everywhere.
+    the same code path (DeepSpeed engine, expert groups, collectives) runs everywhere.
     """
     import deepspeed
 
@@ -42,33 +63,30 @@ def setup(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
         os.environ["MASTER_PORT"] = str(free_port())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available()
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
+    spec = backend_spec(backend, use_cuda)
     if use_cuda:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        kwargs = {}
+        # The binding DeepSpeed would make itself: NCCL connects eagerly and splits sub-groups
+        # from the world communicator, except in a single-rank job, which has no peer.
+        if use_cuda and world > 1:
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=spec, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    deepspeed.init_distributed(dist_backend=spec, timeout=timeout)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
 def teardown() -> None:
     if dist.is_initialized():
         try:
-            dist.barrier()
+            comm.barrier()
         finally:
             dist.destroy_process_group()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (one all-reduce; local without a group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def free_port() -> int:

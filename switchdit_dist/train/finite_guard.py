@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from switchdit_dist.train.distributed import any_rank
+from switchdit_dist.train.comm import any_rank
 
 
 def _local_nonfinite(optimizer: torch.optim.Optimizer) -> bool:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from switchdit_dist.train import comm
 
 NUM_BUCKETS = 10
 
@@ -62,9 +63,7 @@ class IntervalStats:
             dtype=torch.float64,
         )
         tensors = [scalars, self.bucket_loss.clone(), self.bucket_count.clone(), self.route_count.clone()]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in tensors:
-                dist.all_reduce(tensor)
+        comm.all_reduce_sum(tensors)
         scalars, bucket_loss, bucket_count, route_count = tensors
         total = max(scalars[4].item(), 1.0)
         out = {

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from switchdit_dist.errors import UserError
-from switchdit_dist.train import param_names
+from switchdit_dist.train import comm, param_names
 from switchdit_dist.train.checkpoint import ExpertPlacement, atomic_write_text
 
 PORTABLE_DIR = "portable"
@@ -156,8 +156,7 @@ class AdamView:
         count = torch.zeros(1, dtype=torch.float32, device=param.device)
         if param._hp_mapping is not None:
             count.copy_(self.state(param)["step"].detach().float().reshape(1))
-        if dist.is_initialized():
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=param._dp_group)
+        comm.all_reduce_max([count], group=param._dp_group)
         return count.cpu().reshape(())
 
     # --- writing (local: each rank sets its own fragments) ---

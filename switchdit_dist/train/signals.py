@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
+from switchdit_dist.train import comm
 
 # Exit codes after a signal-triggered checkpoint. 3 tells the SLURM script to requeue the job.
 EXIT_REQUEUE = 3
@@ -20,6 +19,9 @@ EXIT_CODES = {
     signal.SIGTERM: 128 + signal.SIGTERM,
     signal.SIGINT: 128 + signal.SIGINT,
 }
+# Precedence when ranks disagree, so that a maximum picks TERM/INT over the early warning.
+_ORDER = {0: 0, int(signal.SIGUSR2): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
+_BY_ORDER = {v: k for k, v in _ORDER.items()}
 
 
 class StopRequest:
@@ -43,12 +45,4 @@ class StopRequest:
 
     def agreed(self) -> int:
         """The signal any rank received (0 if none), identical on every rank."""
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # Encode precedence so that MAX picks TERM/INT over USR2 when ranks disagree.
-            order = {0: 0, int(signal.SIGUSR2): 1, int(signal.SIGINT): 2, int(signal.SIGTERM): 3}
-            inverse = {v: k for k, v in order.items()}
-            flag = torch.tensor([order[self.signum]], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return inverse[int(flag.item())]
-        return int(flag.item())
+        return _BY_ORDER[comm.max_int(_ORDER[int(self.signum)])]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from switchdit_dist.train import comm
 from switchdit_dist.train.metrics import NUM_BUCKETS, timestep_bucket
 from switchdit_dist.train.seeding import derive_seed
 
@@ -79,9 +79,7 @@ class Validator:
                 count.index_add_(0, bucket, torch.ones_like(loss))
         finally:
             module.train(was_training)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(count)
+        comm.all_reduce_sum([loss_sum, count])
         record = {"val_loss": (loss_sum.sum() / count.sum().clamp(min=1)).item()}
         for i in range(NUM_BUCKETS):
             record[f"val_loss_t{i}"] = (loss_sum[i] / count[i]).item() if count[i] else None
