@@ -1,174 +1,179 @@
-"""The report of the small-scale replication (``tools/replicate_small.sh``): DiT vs Switch-DiT.
+"""The small-scale replication of Switch-DiT's claim: DiT vs Switch-DiT over several training seeds.
 
-The script trains both models into ``OUT/dit`` and ``OUT/switch-dit`` and scores the EMA weights
-of each kept checkpoint with ``switchdit eval --digits --json`` into
-``OUT/<model>/eval_step_XXXXXXXX.json``. This module reads those files (and each run's
-``validation.jsonl``), prints one table with both models side by side, writes the numbers to
-``OUT/results.json`` and draws the curves into a PNG::
+For each training seed it trains both models (same size, steps, batch, data order and noise),
+scores the EMA weights at every evaluation step with the same sampling noise for both, scores one
+checkpoint pair with extra sampling seeds (sampling noise apart from training noise), and writes
+the comparison: ``OUT/results.md``, ``OUT/results.json``, ``OUT/curves.png``, ``OUT/gates.png``,
+and with ``--docs`` the same section spliced into a markdown file with the figures beside it::
 
-    python -m switchdit_dist.eval.replicate --out runs/replicate_small [--plot curves.png] [--json]
+    python -m switchdit_dist.eval.replicate --out runs/replicate_seeds --seeds 0,1,2 [--docs docs/results.md]
+    python -m switchdit_dist.eval.replicate --out runs/replicate_seeds --report-only
+
+A rerun with the same ``--out`` skips finished training runs and evaluations (see
+:mod:`switchdit_dist.eval.replication.runner`). ``tools/replicate_small.sh`` is this command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
+import os
+import shlex
+import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from switchdit_dist.errors import UserError
 
-MODELS = ("dit", "switch-dit")
-LABELS = {"dit": "DiT", "switch-dit": "Switch-DiT"}
-_EVAL_FILE = re.compile(r"^eval_step_(\d{8})\.json$")
+COMMAND_ENV = "SWITCHDIT_REPLICATE_COMMAND"  # set by tools/replicate_small.sh to its own command line
 
 
-@dataclass
-class EvalPoint:
-    model: str
-    step: int
-    frechet_distance: float
-    accuracy: float
-    val_loss: float | None  # validation loss logged at this step (raw weights), if any
-
-
-def read_json(path: Path) -> dict:
+def _seeds(text: str) -> tuple[int, ...]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"{path}: expected the JSON object that `switchdit eval --json` prints ({err})"
-        ) from None
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def read_validation(run_dir: Path) -> dict[int, float]:
-    """step -> validation loss from ``run_dir/validation.jsonl`` (empty when validation was off)."""
-    path = run_dir / "validation.jsonl"
-    if not path.is_file():
-        return {}
-    losses = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            losses[int(record["step"])] = float(record["val_loss"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path}:{number}: expected a JSON line with 'step' and 'val_loss'") from None
-    return losses
-
-
-def collect(out_dir: str | Path) -> list[EvalPoint]:
-    """Every evaluated checkpoint of both models, ordered by model then step."""
-    out_dir = Path(out_dir)
-    points = []
-    for model in MODELS:
-        run_dir = out_dir / model
-        files = sorted(p for p in run_dir.glob("eval_step_*.json") if _EVAL_FILE.match(p.name))
-        if not files:
-            raise UserError(
-                f"{run_dir}: no eval_step_XXXXXXXX.json files (has the {model} run been evaluated?)"
-            )
-        val = read_validation(run_dir)
-        for path in files:
-            step = int(_EVAL_FILE.match(path.name).group(1))
-            record = read_json(path)
-            try:
-                fd, acc = float(record["frechet_distance"]), float(record["accuracy"])
-            except (KeyError, TypeError, ValueError):
-                raise UserError(
-                    f"{path}: expected keys 'frechet_distance' and 'accuracy' with numbers"
-                ) from None
-            points.append(EvalPoint(model, step, fd, acc, val.get(step)))
-    steps = {m: [p.step for p in points if p.model == m] for m in MODELS}
-    if steps["dit"] != steps["switch-dit"]:
-        raise UserError(
-            f"{out_dir}: the two models were evaluated at different steps (dit {steps['dit']}, "
-            f"switch-dit {steps['switch-dit']}); expected the same steps for both"
-        )
-    return points
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(points: list[EvalPoint]) -> str:
-    by_key = {(p.model, p.step): p for p in points}
-    steps = sorted({p.step for p in points})
-    lines = [
-        f"{'step':>6}  {'FD DiT':>8} {'FD Switch':>10} {'ratio':>6}  {'acc DiT':>8} {'acc Switch':>11}"
-        f"  {'val DiT':>8} {'val Switch':>11}",
-    ]
-    for step in steps:
-        d, s = by_key[("dit", step)], by_key[("switch-dit", step)]
-        lines.append(
-            f"{step:>6}  {d.frechet_distance:>8.2f} {s.frechet_distance:>10.2f} "
-            f"{s.frechet_distance / d.frechet_distance:>6.2f}  {d.accuracy:>8.3f} {s.accuracy:>11.3f}"
-            f"  {_fmt(d.val_loss, '8.4f'):>8} {_fmt(s.val_loss, '11.4f'):>11}"
-        )
-    lines.append(
-        "FD: Fréchet distance in the digits classifier's feature space (lower is better); ratio: "
-        "Switch-DiT / DiT; acc: class accuracy of the samples; val: validation loss (raw weights)."
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/replicate_seeds", help="output folder (default %(default)s)")
+    parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="training seeds, e.g. 0,1,2")
+    parser.add_argument("--steps", type=int, default=1800, help="training steps per run")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default steps/3)")
+    parser.add_argument("--data", help="prepared digits folder (default OUT/data, written once)")
+    parser.add_argument("--config", default="configs/demo.yaml", help="base training config")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes")
+    parser.add_argument("--experts", type=int, default=3, help="Switch-DiT experts per block")
+    parser.add_argument("--ep-size", type=int, default=1, help="Switch-DiT expert-parallel size")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
+    parser.add_argument("--samples", type=int, default=1000, help="samples per evaluation (1/10 per digit)")
+    parser.add_argument("--sampling-steps", type=int, default=10, help="sampler steps (default 10)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--eval-batch", type=int, default=250, help="images per sampling batch")
+    parser.add_argument("--sampling-seed", type=int, default=0, help="sampling seed of every evaluation")
+    parser.add_argument(
+        "--spread-seeds", type=int, default=3, help="extra sampling seeds scored on one checkpoint pair"
     )
-    return "\n".join(lines)
+    parser.add_argument(
+        "--eval-threads", type=int, help="threads for evaluation (default OMP_NUM_THREADS or all)"
+    )
+    parser.add_argument("--docs", help="markdown file to splice the results into (figures beside it)")
+    parser.add_argument("--figure-name", default="results_seeds", help="figure file stem next to --docs")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate the report from OUT")
 
 
-def plot(points: list[EvalPoint], val_curves: dict[str, dict[int, float]], path: str | Path) -> None:
-    import matplotlib
+def settings_from(args: argparse.Namespace):
+    from switchdit_dist.eval.replication.runner import RunSettings
+    from switchdit_dist.eval.replication.scoring import EvalSettings
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("frechet_distance", "Fréchet distance (digits features)"), ("accuracy", "class accuracy")]
-    with_val = any(val_curves.values())
-    fig, axes = plt.subplots(1, 3 if with_val else 2, figsize=(13 if with_val else 9, 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        for model in MODELS:
-            mine = sorted((p for p in points if p.model == model), key=lambda p: p.step)
-            ax.plot([p.step for p in mine], [getattr(p, key) for p in mine], marker="o", label=LABELS[model])
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    if with_val:
-        ax = axes[2]
-        for model in MODELS:
-            curve = sorted(val_curves.get(model, {}).items())
-            ax.plot([s for s, _ in curve], [v for _, v in curve], label=LABELS[model])
-        ax.set_title("validation loss (raw weights)")
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    threads = args.eval_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return RunSettings(
+        out=Path(args.out),
+        seeds=args.seeds,
+        steps=args.steps,
+        eval_every=args.eval_every or max(args.steps // 3, 1),
+        data=Path(args.data) if args.data else None,
+        config=Path(args.config),
+        nproc=args.nproc,
+        experts=args.experts,
+        ep_size=args.ep_size,
+        zero_stage=args.zero_stage,
+        sampling_seed=args.sampling_seed,
+        spread_seeds=args.spread_seeds,
+        eval_threads=max(threads, 1),
+        eval=EvalSettings(
+            samples=args.samples,
+            sampling_steps=args.sampling_steps,
+            sampler=args.sampler,
+            cfg_scale=args.cfg_scale,
+            batch_size=args.eval_batch,
+        ),
+    )
 
 
-def report(out_dir: str | Path, plot_path: str | Path | None = None) -> tuple[list[EvalPoint], str]:
-    """Collects the evaluations, writes ``OUT/results.json`` and the plot; returns points and table."""
-    out_dir = Path(out_dir)
-    points = collect(out_dir)
-    val_curves = {model: read_validation(out_dir / model) for model in MODELS}
-    (out_dir / "results.json").write_text(json.dumps([asdict(p) for p in points], indent=1) + "\n")
-    plot(points, val_curves, plot_path or out_dir / "curves.png")
-    return points, format_table(points)
+def _clean(value: Any) -> Any:
+    """NaN (a spread of one value) is not JSON: null; tuple and int keys become strings."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def report(
+    out: Path, sampling_seed: int = 0, docs: Path | None = None, figure_name: str = "results_seeds"
+) -> str:
+    """Writes OUT/results.{md,json}, OUT/curves.png, OUT/gates.png (and the --docs splice)."""
+    from switchdit_dist.eval.replication import figures, gates, markdown
+    from switchdit_dist.eval.replication.analysis import analyse
+    from switchdit_dist.eval.replication.collect import collect
+    from switchdit_dist.eval.replication.layout import Layout
+
+    c = collect(out, sampling_seed)
+    a = analyse(c)
+    figures.plot(c, a, out / "curves.png")
+    model_file = Layout(out).ema_model("switch-dit", c.seeds[0], c.eval_steps[-1])
+    summary = None
+    if model_file.is_file():
+        probs = gates.gate_probs(model_file)
+        gates.save_heatmap(probs, out / "gates.png")
+        summary = gates.summarize(model_file, probs)
+    (out / "results.json").write_text(
+        json.dumps(_clean({"analysis": asdict(a), "gates": asdict(summary) if summary else None}), indent=1)
+        + "\n"
+    )
+    text = markdown.render(c, a, "curves.png", "gates.png" if summary else None, summary)
+    (out / "results.md").write_text(text)
+    if docs is not None:
+        shutil.copyfile(out / "curves.png", docs.parent / f"{figure_name}.png")
+        if summary:
+            shutil.copyfile(out / "gates.png", docs.parent / f"{figure_name}_gates.png")
+        markdown.splice(
+            docs,
+            markdown.render(
+                c, a, f"{figure_name}.png", f"{figure_name}_gates.png" if summary else None, summary
+            ),
+        )
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from switchdit_dist.eval.replication.runner import Replication
+
+    settings = settings_from(args)  # every argument is checked before anything is written
+    docs = Path(args.docs) if args.docs else None
+    if docs is not None and not docs.parent.is_dir():
+        raise UserError(f"--docs {docs}: the folder {docs.parent} does not exist")
+    if not args.report_only:
+        argv = getattr(args, "argv", None)
+        command = os.environ.get(COMMAND_ENV) or shlex.join(
+            ["python", "-m", "switchdit_dist.eval.replicate", *(sys.argv[1:] if argv is None else argv)]
+        )
+        replication = Replication(settings, command)
+        with replication.invocation():
+            replication.run()
+    text = report(settings.out, settings.sampling_seed, docs, args.figure_name)
+    print(text)
+    print(f"report: {settings.out / 'results.md'}" + (f"; spliced into {docs}" if docs else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the replication's output folder")
-    parser.add_argument("--plot", help="PNG to write (default OUT/curves.png)")
-    parser.add_argument("--json", action="store_true", help="print the points as JSON instead of a table")
+    parser = argparse.ArgumentParser(prog="replicate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
-        points, table = report(args.out, args.plot)
+        return run(args)
     except UserError as err:
         print(f"replicate: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps([asdict(p) for p in points]) if args.json else table)
-    return 0
 
 
 if __name__ == "__main__":
