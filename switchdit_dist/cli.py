@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from switchdit_dist.errors import UserError
@@ -21,10 +22,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("switchdit_dist.data.command", "write WebDataset shards of latents"),
     "submit": ("switchdit_dist.launch.slurm", "render and submit a SLURM job"),
     "convert": ("switchdit_dist.export.convert", "merge a sharded checkpoint into one safetensors file"),
+    "verify": ("switchdit_dist.checkpoint.verify_command", "check checkpoint files against their manifests"),
     "import": ("switchdit_dist.export.importer", "convert public DiT / Switch-DiT weights"),
     "sample": ("switchdit_dist.export.sample", "sample an image grid from an exported model"),
     "eval": ("switchdit_dist.eval.command", "score samples (digits classifier, FID plumbing)"),
-    "bench": ("switchdit_dist.bench.command", "benchmarks (moe, data, train)"),
+    "bench": ("switchdit_dist.bench.command", "benchmarks (moe, data, train, ckpt)"),
     "plan": ("switchdit_dist.bench.plan", "estimate communication and memory before launching"),
 }
 
@@ -40,11 +42,41 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``KEY=VALUE`` overrides may come before, between or after the options
+    of a subcommand that takes them (argparse alone accepts them in one place only)."""
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = build_parser(only=chosen if chosen else "__none__")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [a for a in extra if _OVERRIDE.match(a)]
+        if len(overrides) < len(extra) or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from switchdit_dist.launch import local
+
+    local.follow_launcher()  # a rank of `switchdit launch` ends with its launcher
+    code = 1  # an exception escaping below ends the process with 1
+    try:
+        code = _run(argv)
+    except SystemExit as stop:  # argparse, or a subcommand's sys.exit
+        code = stop.code if isinstance(stop.code, int) else 2
+        raise
+    finally:
+        local.record_exit(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
+    args = parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.subcommand][0])
     try:
         return int(module.run(args) or 0)

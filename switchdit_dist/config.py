@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
+import keyword
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class TrainSection:
     seed: int = 0
     ema_decay: float = 0.9999
     max_consecutive_nonfinite: int = 10  # skipped (NaN/Inf) steps in a row before the run stops
+    compile: bool = False  # torch.compile each block's attention + MLP (the MoE layer stays eager)
 
 
 @dataclass
@@ -105,6 +107,9 @@ class CheckpointSection:
     every: int = 5000  # steps; 0 = only at the end and on signals
     keep: int = 3  # complete checkpoints kept
     on_write_error: str = "stop"  # stop, or retry at the next interval
+    verify: str = "size"  # at resume: size (every file's size) or full (sizes and checksums)
+    fallback: str = "previous"  # damaged checkpoint at resume: previous (the newest intact one) or none
+    async_: bool = False  # key `async`: write in the background, training continues
 
 
 @dataclass
@@ -130,11 +135,14 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _user_keys(asdict(self))
 
     def model_hash(self) -> str:
-        """Identifies the architecture: a checkpoint is refused by a run whose hash differs."""
-        return hashlib.sha256(json.dumps(asdict(self.model), sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies the architecture (not the loss settings): a checkpoint is refused by a run
+        whose hash differs."""
+        from switchdit_dist.checkpoint.schema import architecture_hash
+
+        return architecture_hash(asdict(self.model))
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -200,22 +208,37 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [_user_key(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise UserError(f"unknown config key '{prefix}{key}'{_suggest(str(key), names)}")
-        tp = hints[key]
+        tp = hints[_field_name(key)]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            kwargs[_field_name(key)] = _build(tp, value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+            kwargs[_field_name(key)] = _coerce(value, tp, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
         if isinstance(err, UserError):
             raise
         raise UserError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _field_name(key: str) -> str:
+    """Config keys that are Python keywords (``checkpoint.async``) are fields with a trailing ``_``."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _user_key(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _user_keys(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {_user_key(k): _user_keys(v) for k, v in values.items()}
+    return values
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -330,6 +353,10 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         )
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay: expected a value in [0, 1), got {t.ema_decay}")
+    if t.compile:
+        missing = _compile_toolchain_missing()
+        if missing:
+            raise UserError(f"train.compile=true: {missing}; install it or set train.compile=false")
     if config.diffusion.noise_schedule not in ("linear", "cosine"):
         raise UserError(
             f"diffusion.noise_schedule: expected linear or cosine, got {config.diffusion.noise_schedule!r}"
@@ -338,14 +365,87 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         raise UserError(
             f"checkpoint.on_write_error: expected stop or retry, got {config.checkpoint.on_write_error!r}"
         )
+    if config.checkpoint.verify not in ("size", "full"):
+        raise UserError(f"checkpoint.verify: expected size or full, got {config.checkpoint.verify!r}")
+    if config.checkpoint.fallback not in ("previous", "none"):
+        raise UserError(f"checkpoint.fallback: expected previous or none, got {config.checkpoint.fallback!r}")
     if config.checkpoint.keep < 1:
         raise UserError(f"checkpoint.keep: expected >= 1, got {config.checkpoint.keep}")
     if config.logging.every < 1:
         raise UserError(f"logging.every: expected >= 1, got {config.logging.every}")
+    _check_ranges(config)
     if check_data:
         from switchdit_dist.data.config import validate as validate_data
 
         validate_data(config.data)
+
+
+def _compile_toolchain_missing() -> str | None:
+    """What torch.compile's inductor backend lacks on this machine (checked before any process
+    starts, instead of failing at the first training step): Triton on CUDA, a C++ compiler on CPU."""
+    import importlib.util
+    import os
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None if importlib.util.find_spec("triton") else "the inductor backend needs Triton on CUDA"
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    if any(c and shutil.which(c) for c in compilers):
+        return None
+    return "the inductor backend needs a C++ compiler on CPU (CXX, c++, g++ or clang++)"
+
+
+def _at_least(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f"a number >= {low:g}", lambda v: v >= low
+
+
+def _above(low: float) -> tuple[str, Callable[[float], bool]]:
+    return f"a number > {low:g}", lambda v: v > low
+
+
+_FRACTION = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+# The range of every number the type checks leave open, so that a bad value fails here, in one
+# line, instead of in every rank's optimizer or model constructor.
+_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "model.input_size": _at_least(1),
+    "model.in_channels": _at_least(1),
+    "model.num_classes": _at_least(1),
+    "model.class_dropout_prob": _FRACTION,
+    "model.num_experts": _at_least(1),
+    "model.expert_mlp_ratio": _above(0),
+    "model.prior_loss_weight": _at_least(0),
+    "diffusion.num_timesteps": _at_least(1),
+    "parallel.timeout_s": _at_least(1),
+    "optim.lr": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.eps": _above(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.grad_clip": _at_least(0),
+    "train.global_batch": _at_least(1),
+    "train.max_consecutive_nonfinite": _at_least(0),
+    "checkpoint.every": _at_least(0),
+    "logging.gate_image_every": _at_least(0),
+    "logging.val_every": _at_least(0),
+    "logging.val_batches": _at_least(1),
+}
+
+
+def _check_ranges(config: Config) -> None:
+    for key, (expected, ok) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not (math.isfinite(value) and ok(value)):
+            raise UserError(f"{key}: expected {expected}, got {value!r}")
+    betas = config.optim.betas
+    if len(betas) != 2:
+        raise UserError(f"optim.betas: expected two numbers [beta1, beta2], got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not (math.isfinite(beta) and _FRACTION[1](beta)):
+            raise UserError(
+                f"optim.betas[{i}]: expected {_FRACTION[0]}, got {beta!r} (optim.betas={betas!r})"
+            )
 
 
 def _divisors(n: int) -> list[int]:

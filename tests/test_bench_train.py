@@ -68,24 +68,27 @@ def test_compiled_and_bf16_variants_run_side_by_side():
 
 
 def test_loss_is_the_trainers_diffusion_plus_prior_loss():
+    """Against the loss written out from its parts: the model routing by itself, the prior loss of
+    ``models/prior.py`` with the same permutations, the labels dropped as the draws say."""
     from switchdit_dist.diffusion import create_diffusion
     from switchdit_dist.models.prior import DiffusionPriorLoss
 
     config = TrainBenchConfig(**TINY)
     runner = TrainStep("switch-dit", "tiny", config, torch.device("cpu"))
     inputs = make_inputs(config, 3, 0, torch.device("cpu"))
-    torch.manual_seed(5)  # label dropout draws from the global generator
+    inputs.draws.drop = torch.tensor([True, False, False])  # one sample trains the null class
     got = runner.loss(inputs)
 
     model = runner.model
     diffusion = create_diffusion()
-    x_t = diffusion.q_sample(inputs.x0, inputs.t, inputs.noise)
-    torch.manual_seed(5)
-    out, gates = model(x_t, inputs.t, inputs.y, return_gates=True)
-    expected = diffusion.losses(out, inputs.x0, x_t, inputs.t, inputs.noise)["loss"].mean()
+    t, noise = inputs.draws.t, inputs.draws.noise
+    x_t = diffusion.q_sample(inputs.x0, t, noise)
+    y = torch.where(inputs.draws.drop, torch.full_like(inputs.y, 10), inputs.y)
+    out, gates = model(x_t, t, y, return_gates=True)
+    expected = diffusion.losses(out, inputs.x0, x_t, t, noise)["loss"].mean()
     prior = DiffusionPriorLoss(model.config.depth, 3, 2)
     all_gates = model.gate_probs_for_timesteps(torch.arange(1000))
-    expected = expected + prior(gates, inputs.t, all_gates, np.random.default_rng(inputs.prior_seed))
+    expected = expected + prior(gates, t, all_gates, np.random.default_rng(inputs.prior_seed))
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -102,12 +105,12 @@ def test_steps_equal_a_plain_adamw_reference():
     diffusion = create_diffusion()
     for i in range(3):
         inputs = make_inputs(config, 2, i, torch.device("cpu"))
-        torch.manual_seed(100 + i)
-        runner.step(inputs)
-        torch.manual_seed(100 + i)
-        x_t = diffusion.q_sample(inputs.x0, inputs.t, inputs.noise)
-        out = reference(x_t, inputs.t, inputs.y)
-        diffusion.losses(out, inputs.x0, x_t, inputs.t, inputs.noise)["loss"].mean().backward()
+        assert isinstance(runner.step(inputs), torch.Tensor)
+        d = inputs.draws
+        x_t = diffusion.q_sample(inputs.x0, d.t, d.noise)
+        y = torch.where(d.drop, torch.full_like(inputs.y, 10), inputs.y)
+        out = reference(x_t, d.t, y)
+        diffusion.losses(out, inputs.x0, x_t, d.t, d.noise)["loss"].mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     got = dict(runner.model.named_parameters())
@@ -117,12 +120,26 @@ def test_steps_equal_a_plain_adamw_reference():
     assert all(p.grad is None for p in runner.model.parameters())  # gradients freed after each step
 
 
+def test_bf16_step_keeps_bf16_weights_and_fp32_masters():
+    config = TrainBenchConfig(**TINY, precision="bf16")
+    runner = TrainStep("switch-dit", "tiny", config, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in runner.model.parameters())
+    before = [m.clone() for m in runner.masters]
+    runner.step(make_inputs(config, 2, 0, torch.device("cpu")))
+    assert all(m.dtype == torch.float32 for m in runner.masters)
+    assert any(not torch.equal(a, b) for a, b in zip(before, runner.masters))  # AdamW stepped the masters
+    for master, p in zip(runner.masters, runner.params):
+        assert torch.equal(p, master.to(torch.bfloat16))  # the module holds the masters, rounded
+
+
 def test_inputs_are_identical_for_every_variant():
     config = TrainBenchConfig(**TINY)
     a, b = (make_inputs(config, 4, 7, torch.device("cpu")) for _ in range(2))
     assert isinstance(a, StepInputs)
-    for name in ("x0", "y", "t", "noise"):
+    for name in ("x0", "y"):
         assert torch.equal(getattr(a, name), getattr(b, name))
+    for name in ("t", "noise", "drop"):
+        assert torch.equal(getattr(a.draws, name), getattr(b.draws, name))
     assert not torch.equal(a.x0, make_inputs(config, 4, 8, torch.device("cpu")).x0)
 
 

@@ -1,5 +1,6 @@
 """``switchdit convert`` on a real 2-process (EP 2, ZeRO-2) checkpoint, its refusals of bad
-checkpoints (each leaves nothing behind), and ``switchdit sample`` from the converted file."""
+checkpoints (each leaves nothing behind), ``switchdit sample`` from the converted file, and neither
+of them (nor ``load_model``) importing DeepSpeed."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import REPO, digits, launch  # noqa: F401  (digits is a fixture)
 
+from switchdit_dist.checkpoint import dcp_io, store
+from switchdit_dist.checkpoint.manifest import Manifest, describe
 from switchdit_dist.errors import UserError
 from switchdit_dist.export.convert import ConvertOptions, convert
-from switchdit_dist.train import param_names
 
 pytestmark = pytest.mark.slow
 
@@ -73,28 +75,29 @@ def test_convert_command_merges_every_expert_of_the_newest_checkpoint(run, tmp_p
     assert metadata["step"] == "2" and metadata["weights"] == "ema"
     assert json.loads(metadata["diffusion"]) == {"num_timesteps": 1000, "noise_schedule": "linear"}
     merged = load_file(str(out))
-    # the two expert-parallel ranks' EMA shards, renamed to nothing: already global names
-    expected = {}
-    for file in step_dir(run, 2).glob("ema_*.safetensors"):
-        expected.update(load_file(str(file)))
+    # the EMA entries of both expert-parallel ranks, under global names already
+    expected = entries(step_dir(run, 2), "ema")
     assert merged.keys() == expected.keys()
     assert {f"blocks.{b}.moe.experts.{e}.weight" for b in range(4) for e in range(4)} <= merged.keys()
     for key, value in expected.items():
         assert torch.equal(merged[key], value), key
 
 
-def test_model_weights_come_from_deepspeed_files_and_cast_to_bf16(run, tmp_path):
+def entries(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``kind`` (model, ema) entries by parameter name, read in one process."""
+    keys = [k for k in dcp_io.tensor_index(ckpt) if k.startswith(f"{kind}/")]
+    return {k[len(kind) + 1 :]: v for k, v in store.read_entries(ckpt, keys).items()}
+
+
+def test_model_weights_are_the_fp32_masters_cast_to_bf16(run, tmp_path):
     out = tmp_path / "model.safetensors"
     convert(ConvertOptions(str(step_dir(run, 1)), str(out), weights="model", dtype="bf16"))
     merged = load_file(str(out))
     assert all(v.dtype == torch.bfloat16 for v in merged.values())
-    ckpt = step_dir(run, 1)
-    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    for key, value in module.items():
-        assert torch.equal(merged[key], value.to(torch.bfloat16)), key
-    expert = torch.load(ckpt / "layer_2_expert_3_mp_rank_00_model_states.pt", weights_only=True)
-    for key, value in expert.items():
-        assert torch.equal(merged[param_names.to_global(key, 0, 4)], value.to(torch.bfloat16)), key
+    masters = entries(step_dir(run, 1), "model")  # flat, as ZeRO partitions them
+    assert merged.keys() == masters.keys() and "blocks.2.moe.experts.3.weight" in merged
+    for key, value in masters.items():
+        assert torch.equal(merged[key].flatten(), value.to(torch.bfloat16)), key
 
 
 def refused(checkpoint: Path, tmp_path: Path, message: str, weights: str = "ema") -> None:
@@ -124,44 +127,42 @@ def test_incomplete_checkpoint_is_refused(run, tmp_path):
     refused(ckpt, tmp_path, r"step_00000002: incomplete checkpoint \(no COMPLETE marker")
 
 
-def test_missing_expert_file_is_refused(run, tmp_path):
+def test_missing_data_file_is_refused(run, tmp_path):
     ckpt = copy_step(run, 2, tmp_path)
-    (ckpt / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
-    refused(ckpt, tmp_path, r"lacks layer_1_expert_2_mp_rank_00_model_states\.pt", weights="model")
+    (ckpt / "__1_0.distcp").unlink()
+    refused(ckpt, tmp_path, r"is damaged: __1_0\.distcp: missing", weights="model")
 
 
-def test_missing_ema_shard_is_refused(run, tmp_path):
+def test_truncated_data_file_is_refused(run, tmp_path):
     ckpt = copy_step(run, 2, tmp_path)
-    (ckpt / "ema_experts_ep1.safetensors").unlink()
-    refused(ckpt, tmp_path, r"lacks ema_experts_ep1\.safetensors")
+    os.truncate(ckpt / "__0_0.distcp", 100)
+    refused(ckpt, tmp_path, r"is damaged: __0_0\.distcp: truncated: 100 bytes")
 
 
-@pytest.mark.parametrize(
-    ("weights", "file"),
-    [
-        ("ema", "ema_experts_ep0.safetensors"),
-        ("model", "mp_rank_00_model_states.pt"),
-        ("ema", "side_rank_1.pt"),
-    ],
-)
-def test_file_from_another_step_is_refused(run, tmp_path, weights, file):
+@pytest.mark.parametrize("file", [".metadata", "__0_0.distcp", "meta.json"])
+def test_file_from_another_step_is_refused(run, tmp_path, file):
     ckpt = copy_step(run, 2, tmp_path)
     shutil.copy(step_dir(run, 1) / file, ckpt / file)
-    message = rf"mixes files from different steps: meta\.json says step 2, but {re.escape(file)} \(step 1\)"
-    refused(ckpt, tmp_path, message, weights=weights)
-
-
-def test_expert_file_of_another_expert_is_refused(run, tmp_path):
-    ckpt = copy_step(run, 2, tmp_path)
-    shutil.copy(
-        ckpt / "layer_0_expert_1_mp_rank_00_model_states.pt",
-        ckpt / "layer_0_expert_0_mp_rank_00_model_states.pt",
-    )
     refused(
-        ckpt,
-        tmp_path,
-        r"layer_0_expert_0_mp_rank_00_model_states\.pt: holds .*, which is not expert 0",
-        "model",
+        ckpt, tmp_path, rf"is damaged: {re.escape(file)}: (checksum mismatch|truncated|longer than written)"
+    )
+
+
+def rewrite_meta(ckpt: Path, change) -> None:
+    """Edit meta.json and record the edit in the manifest, as a consistent (but wrong) header."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    change(meta)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    manifest = Manifest.read(ckpt)
+    manifest.files["meta.json"] = describe(ckpt / "meta.json")
+    manifest.write(ckpt)
+
+
+def test_header_of_another_step_is_refused(run, tmp_path):
+    ckpt = copy_step(run, 2, tmp_path)
+    rewrite_meta(ckpt, lambda meta: meta.update(step=1))
+    refused(
+        ckpt, tmp_path, r"mixes files from different steps: meta\.json says step 1, manifest\.json step 2"
     )
 
 
@@ -170,15 +171,16 @@ def test_expert_file_of_another_expert_is_refused(run, tmp_path):
     [
         ({"size": "S"}, r"tensors do not match the model config; missing: .*wrong shape: .*\(config expects"),
         ({"top_k": 5}, r"invalid model section"),
-        ({"num_experts": 2}, r"expert files beyond the model config"),
+        (
+            {"num_experts": 2},
+            r"tensors do not match the model config; unexpected: blocks\.0\.moe\.experts\.2\.",
+        ),
     ],
 )
 def test_files_of_another_model_are_refused(run, tmp_path, change, message):
-    """meta.json describing another model than the one whose files are in the folder."""
+    """meta.json describing another model than the one whose tensors are in the folder."""
     ckpt = copy_step(run, 2, tmp_path)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    meta["model"].update(change)
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    rewrite_meta(ckpt, lambda meta: meta["model"].update(change))
     refused(ckpt, tmp_path, message, weights="model" if "num_experts" in change else "ema")
 
 
@@ -186,6 +188,9 @@ def test_unreadable_meta_and_missing_output_folder_are_refused(run, tmp_path):
     ckpt = copy_step(run, 2, tmp_path)
     (ckpt / "meta.json").write_text("{not json")
     refused(ckpt, tmp_path, r"meta\.json: not valid JSON")
+    (ckpt / "meta.json").unlink()
+    (tmp_path / "again").mkdir()
+    refused(ckpt, tmp_path / "again", r"meta\.json is missing")
     with pytest.raises(UserError, match=r"the output folder .*missing does not exist"):
         convert(ConvertOptions(str(run), str(tmp_path / "missing" / "m.safetensors")))
 
@@ -195,6 +200,26 @@ def test_convert_command_prints_the_refusal_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "switchdit convert: error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_convert_load_model_and_sample_do_not_import_deepspeed(run, tmp_path):
+    """An inference machine need not have DeepSpeed: the three run in a fresh interpreter and
+    DeepSpeed is not among its modules afterwards."""
+    script = f"""
+import sys
+from switchdit_dist import cli
+from switchdit_dist.export.load import load_model
+out = {str(tmp_path / "m.safetensors")!r}
+assert cli.main(["convert", {str(run)!r}, out]) == 0
+load_model(out)
+assert cli.main(["sample", "--checkpoint", out, "--classes", "1", "--per-class", "1", "--steps", "2",
+                 "--device", "cpu", "--out", {str(tmp_path / "g.png")!r}]) == 0
+print("DEEPSPEED_MODULES", sorted(m for m in sys.modules if m.split(".")[0] == "deepspeed"))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEEPSPEED_MODULES []" in proc.stdout
 
 
 # --- sampling ----------------------------------------------------------------------------------------

@@ -182,7 +182,9 @@ def copy_into_expert_parallel(ep_model: SwitchDiT, reference: SwitchDiT) -> None
         ep_block.moe.load_local_experts(ref_block.moe)
 
 
-def _worker_switch_dit(rank: int, world: int) -> dict[str, float]:
+def _worker_switch_dit(rank: int, world: int, planned: bool = False) -> dict[str, float]:
+    """``planned``: the expert-parallel model runs on the training step's plan (routes and every
+    rank's counts decided up front), the reference routes by itself."""
     config = tiny_switch_dit_config()
     reference = SwitchDiT(config)
     randomize_(reference, seed=0)
@@ -197,13 +199,34 @@ def _worker_switch_dit(rank: int, world: int) -> dict[str, float]:
     y = torch.randint(0, 10, (3,), generator=generator)
     grad_out = torch.randn(3, 8, 8, 8, generator=generator)
     grad_gates = torch.randn(3, config.depth, config.num_experts, generator=generator)
+    routes = None
+    if planned:
+        import numpy as np
+
+        from switchdit_dist.diffusion import create_diffusion
+        from switchdit_dist.train.step import Objective
+
+        routes = Objective(create_diffusion(), config).plan(model, [t], np.random.default_rng(0))[0].routes
+    exchanges = []
+    all_to_all = dist.all_to_all_single
+
+    def counted(*args, **kwargs):
+        exchanges.append(1)
+        return all_to_all(*args, **kwargs)
+
     grads = []
     results = {}
     for m in (model, reference):
         xi = x.clone().requires_grad_()
-        out, gates = m(xi, t, y, return_gates=True)
-        ((out * grad_out).sum() + (gates * grad_gates).sum()).backward()
+        dist.all_to_all_single = counted
+        try:
+            out, gates = m(xi, t, y, return_gates=True, routes=routes if m is model else None)
+            ((out * grad_out).sum() + (gates * grad_gates).sum()).backward()
+        finally:
+            dist.all_to_all_single = all_to_all
         grads.append((out.detach(), xi.grad))
+    # Per block: samples there and back, forward and backward; plus the count swap unless planned.
+    results["_exchanges_per_block"] = len(exchanges) / config.depth
     results["output"] = rel_err(grads[0][0], grads[1][0])
     results["grad_x"] = rel_err(grads[0][1], grads[1][1])
     ref_params = dict(reference.named_parameters())
@@ -400,6 +423,34 @@ def test_plan_sends_each_pair_to_its_experts_rank():
     assert torch.equal(plan.pair_order[plan.pair_position], torch.arange(6))
 
 
+def test_given_counts_make_the_same_plan_as_counting():
+    generator = torch.Generator().manual_seed(0)
+    index, _ = routing(Case(4, 2), 6, 4, generator)
+    counted = plan_dispatch(index, num_experts=4)
+    given = plan_dispatch(
+        index, num_experts=4, expert_counts=torch.bincount(index.reshape(-1), minlength=4)[None]
+    )
+    for name in ("pair_order", "pair_position"):
+        assert torch.equal(getattr(given, name), getattr(counted, name))
+    for name in ("send_splits", "recv_splits", "chunk_sizes"):
+        assert getattr(given, name) == getattr(counted, name)
+    # Two EP ranks' table: rank 1 sends its own row and receives every rank's counts of experts 2, 3.
+    table = torch.tensor([[1, 2, 3, 0], [4, 0, 5, 3]])
+    plan = plan_dispatch(
+        torch.tensor([[0, 2], [2, 3], [0, 2], [0, 3], [2, 0], [2, 3]]),
+        4,
+        2,
+        None,
+        expert_counts=table,
+        ep_rank=1,
+    )
+    assert plan.send_splits == [4, 8] and plan.recv_splits == [3, 8] and plan.chunk_sizes == [3, 0, 5, 3]
+    with pytest.raises(ValueError, match="add up to 12 but expert_index has 4"):
+        plan_dispatch(torch.zeros(2, 2, dtype=torch.long), 4, expert_counts=torch.tensor([[12, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"host tensor \[ep_size=1, num_experts=4\]"):
+        plan_dispatch(torch.zeros(2, 2, dtype=torch.long), 4, expert_counts=torch.tensor([4, 0, 0, 0]))
+
+
 def test_bad_input_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="num_experts=3 must be divisible .* ep_size=2"):
         ExpertParallelMoE(DIM, 3, ep_size=2)
@@ -454,8 +505,19 @@ def test_two_ranks_match_deepspeed_stock_moe_layer():
 def test_switch_dit_expert_parallel_matches_single_process_model():
     results = run_distributed(_worker_switch_dit, 2)
     assert any(r["_crosses_ranks"] for r in results)
+    assert all(r["_exchanges_per_block"] == 5 for r in results)
     for rank, errors in enumerate(results):
         assert_all_close({"Switch-DiT": errors}, f"rank {rank}/2")
+
+
+@pytest.mark.slow
+def test_planned_routes_and_counts_need_no_count_exchange():
+    """The training step's plan gives every layer all ranks' counts: the layers exchange samples only."""
+    results = run_distributed(_worker_switch_dit, 2, True)
+    assert any(r["_crosses_ranks"] for r in results)
+    assert all(r["_exchanges_per_block"] == 4 for r in results)
+    for rank, errors in enumerate(results):
+        assert_all_close({"planned Switch-DiT": errors}, f"rank {rank}/2")
 
 
 @pytest.mark.slow

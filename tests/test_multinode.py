@@ -25,14 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"  # the demo model with a small batch
 STEPS = 12
-JOB_TIMEOUT = 240
+# Bounds, not delays: a passing job takes well under a minute; a loaded machine may take minutes.
+JOB_TIMEOUT = 600
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 # Small enough that a silent peer is noticed in seconds here; real clusters keep the default.
 TIMEOUT_S = 15
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> MultiNodeSlurm:
+def cluster(tmp_path_factory, deepspeed_ops_built) -> MultiNodeSlurm:
     try:
         c = start_multinode_cluster(tmp_path_factory.mktemp("multinode"))
     except SlurmUnavailable as err:

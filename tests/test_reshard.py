@@ -1,5 +1,6 @@
-"""Resuming a checkpoint on another layout through its portable copy (2 -> 1 and 1 -> 2 processes),
-and converting an expert-parallel run into one file that reproduces the distributed model.
+"""Resuming a checkpoint on another layout (2 -> 1 and 1 -> 2 processes; EP 2 -> 1 with ZeRO 2 -> 0
+on the same processes), and converting an expert-parallel run into one file that reproduces the
+distributed model.
 
 Why the losses of different layouts can be compared step by step:
 
@@ -10,9 +11,8 @@ Why the losses of different layouts can be compared step by step:
   batch 16, slot s is rank s on 2 processes and micro-step s on 1 process.
 
 So the 5 steps after a resharded resume must repeat the losses of the run that kept its layout.
-The state right after the resume is read back from the resumed engine (DeepSpeed's full-tensor
-getters) and compared with the source checkpoint's own DeepSpeed files, read here independently of
-the portable copy.
+The state right after the resume is read back from the resumed engine (DeepSpeed's public
+full-tensor getters) and compared with the source checkpoint's entries, read here in one process.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from distributed import run_distributed
-from safetensors.torch import load_file
 from test_train import CONFIG, launch, losses_by_step
 
 from switchdit_dist.train import param_names
@@ -95,12 +93,37 @@ def fixed_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.tensor([0, 500 + rank, 999]), torch.tensor([rank, 5, 10])
 
 
+def engine_full_state(engine, placement) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 master and Adam state on this rank, by checkpoint key (flat), read back
+    from the engine: DeepSpeed's public full-tensor getters under ZeRO 1/2 (collective), the torch
+    optimizer's own tensors under ZeRO 0."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from switchdit_dist.train import deepspeed_adapter
+    from switchdit_dist.train.engine_state import OptimizerView, global_parameters
+
+    view = OptimizerView(engine)
+    out = {}
+    for _, name, p in global_parameters(engine.module, placement):
+        partitioned = deepspeed_adapter.is_partitioned(p)
+        weight = safe_get_full_fp32_param(p) if partitioned else (view.master(p) if p.requires_grad else p)
+        out[f"model/{name}"] = weight.detach().float().flatten().cpu().clone()
+        if not p.requires_grad:  # a fixed buffer-like weight (the position embedding): no Adam state
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = safe_get_full_optimizer_state(p, key) if partitioned else view.state(p)[key]
+            out[f"optim/{name}/{key}"] = moment.detach().float().flatten().cpu().clone()
+        if not partitioned or deepspeed_adapter.fragment(p) is not None:
+            out[f"optim/{name}/step"] = view.state(p)["step"].detach().float().cpu().reshape(()).clone()
+    return out
+
+
 def resume_worker(rank: int, world: int, run_dir: str, overrides: list[str], with_outputs: bool) -> bytes:
     """The real trainer on ``world`` processes, resuming ``run_dir``; returns the state right after
     the resume (read back from the engine, by global name) and, on request, the model's outputs on
     fixed inputs after training (raw and EMA weights)."""
     from switchdit_dist.config import load_config, validate
-    from switchdit_dist.train import distributed, portable
+    from switchdit_dist.train import distributed
     from switchdit_dist.train.loop import Trainer
 
     config = load_config(CONFIG, overrides)
@@ -114,7 +137,7 @@ def resume_worker(rank: int, world: int, run_dir: str, overrides: list[str], wit
         step = resume()
         placement = trainer.placement
         captured["step"] = step
-        captured["state"] = portable.gather_full_state(trainer.engine, placement)
+        captured["state"] = engine_full_state(trainer.engine, placement)
         captured["ema"] = {
             param_names.to_global(n, placement.ep_rank, placement.num_local_experts): v.clone()
             for n, v in trainer.ema.state_dict().items()
@@ -172,75 +195,37 @@ def one_to_two(tmp_path_factory, run_1proc, same_sample_data):
 
 
 @pytest.fixture(scope="module")
-def zero2_to_zero1(tmp_path_factory, run_2proc, same_sample_data):
-    run_dir = copy_of_checkpoint(run_2proc, RESUME_AT, tmp_path_factory.mktemp("resharded") / "zero1")
-    return run_dir, resumed(run_dir, same_sample_data, world=2, ep_size=2, zero_stage=1)
+def ep1_zero0(tmp_path_factory, run_2proc, same_sample_data):
+    run_dir = copy_of_checkpoint(run_2proc, RESUME_AT, tmp_path_factory.mktemp("resharded") / "zero0")
+    return run_dir, resumed(run_dir, same_sample_data, world=2, ep_size=1, zero_stage=0)
 
 
-# --- the source checkpoint, read from DeepSpeed's own files ----------------------------------------
+# --- the source checkpoint, read in one process ------------------------------------------------------
 
 
-def deepspeed_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    meta = json.loads((ckpt / "meta.json").read_text())
-    state = dict(
-        torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    )
-    for file in ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
-        for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
-            state[param_names.to_global(key, 0, meta["model"]["num_experts"])] = value
-    return state
+def checkpoint_entries(ckpt: Path) -> dict[str, torch.Tensor]:
+    from switchdit_dist.checkpoint import dcp_io, store
 
-
-def deepspeed_adam(ckpt: Path) -> dict[tuple[str, str], torch.Tensor]:
-    """(global name, exp_avg | exp_avg_sq | step) -> flat tensor, from the ZeRO 1/2 partition files:
-    each rank's file maps parameter names to slices of its flat partitions; a parameter's slices in
-    rank order make up the parameter."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    meta = json.loads((ckpt / "meta.json").read_text())
-    ep_size = meta["ep_size"]
-    local_experts = meta["model"]["num_experts"] // ep_size
-    pieces: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
-    steps: dict[tuple[str, str], torch.Tensor] = {}
-    for rank in range(meta["world_size"]):
-        file = ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-            saved = torch.load(file, map_location="cpu", weights_only=True)["optimizer_state_dict"]
-        states = saved["base_optimizer_state"]["state"]
-        for group, mapping in enumerate(saved["param_slice_mappings"]):
-            for name, where in mapping.items():
-                # expert-parallel groups are consecutive ranks
-                name = param_names.to_global(name, rank % ep_size, local_experts)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    pieces[(name, key)].append(states[group][key].narrow(0, where.start, where.numel))
-                steps[(name, "step")] = states[group]["step"]
-    return {**{k: torch.cat(v) for k, v in pieces.items()}, **steps}
-
-
-def ema_files(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for file in ckpt.glob("ema_*.safetensors"):
-        state.update(load_file(str(file)))
-    return state
+    keys = [k for k in dcp_io.tensor_index(ckpt) if not k.startswith("trainer/")]
+    return store.read_entries(ckpt, keys)
 
 
 def assert_state_carried_over(ckpt: Path, after: dict) -> None:
-    weights, adam, ema = deepspeed_weights(ckpt), deepspeed_adam(ckpt), ema_files(ckpt)
+    saved = checkpoint_entries(ckpt)
     assert after["step"] == RESUME_AT
     state = after["state"]
-    assert {k[len("model/") :] for k in state if k.startswith("model/")} == set(weights)
-    for name, value in weights.items():
-        assert torch.equal(state[f"model/{name}"], value.float()), name
-    trainable = {name for name, _ in adam}
-    assert {k.split("/")[1] for k in state if k.startswith("optim/")} == trainable
-    for (name, key), value in adam.items():
-        got = state[f"optim/{name}/{key}"]
-        assert torch.equal(got.flatten() if key != "step" else got, value), (name, key)
+    weights = {k for k in saved if k.startswith("model/")}
+    assert {k for k in state if k.startswith("model/")} == weights
+    for key in weights:
+        assert torch.equal(state[key], saved[key]), key
+    adam = {k for k in saved if k.startswith("optim/")}
+    assert {k for k in state if k.startswith("optim/")} == adam
+    for key in adam:
+        assert torch.equal(state[key], saved[key]), key
     # real moments, not fresh zero states (an expert no sample was routed to keeps zeros)
-    moved = [name for name in trainable if adam[(name, "exp_avg_sq")].abs().sum() > 0]
-    assert len(moved) > 0.8 * len(trainable)
+    second = [k for k in adam if k.endswith("/exp_avg_sq")]
+    assert sum(bool(saved[k].abs().sum() > 0) for k in second) > 0.8 * len(second)
+    ema = {k[len("ema/") :]: v for k, v in saved.items() if k.startswith("ema/")}
     assert after["ema"].keys() == ema.keys()
     for name, value in ema.items():
         assert torch.equal(after["ema"][name], value), name
@@ -275,13 +260,14 @@ def test_one_process_checkpoint_resumes_on_two_processes(run_1proc, one_to_two):
     assert json.loads((checkpoint_dir(run_dir, STEPS) / "meta.json").read_text())["ep_size"] == 2
 
 
-def test_zero2_checkpoint_resumes_under_zero1_on_the_same_processes(run_2proc, zero2_to_zero1):
-    """Same processes, another ZeRO stage: the portable copy again, and each rank keeps its own data
-    position and RNG state (the same number of ranks), so the losses match the original run."""
-    run_dir, after = zero2_to_zero1
+def test_ep2_zero2_checkpoint_resumes_at_ep1_zero0_on_the_same_processes(run_2proc, ep1_zero0):
+    """Same processes, experts replicated instead of sharded and no ZeRO partitioning: each rank
+    keeps its own data position and RNG state (the same number of ranks), so the losses match."""
+    run_dir, after = ep1_zero0
     assert_state_carried_over(checkpoint_dir(run_2proc, RESUME_AT), after)
     assert_same_losses(run_dir, run_2proc)
-    assert json.loads((checkpoint_dir(run_dir, STEPS) / "meta.json").read_text())["zero_stage"] == 1
+    meta = json.loads((checkpoint_dir(run_dir, STEPS) / "meta.json").read_text())
+    assert (meta["zero_stage"], meta["ep_size"]) == (0, 1)
 
 
 @pytest.mark.parametrize("weights", ["model", "ema"])

@@ -1,4 +1,4 @@
-"""``switchdit bench {moe,data,train}``: each benchmark lives in its own module of this package,
+"""``switchdit bench {moe,data,train,ckpt}``: each benchmark lives in its own module of this package,
 which provides ``add_arguments(parser)`` and ``run(args)``."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ BENCHMARKS = {
     ),
     "data": ("switchdit_dist.bench.data", "loader throughput per worker vs one training step's needs"),
     "train": ("switchdit_dist.bench.train", "training-step throughput, DiT vs Switch-DiT (and MFU on GPU)"),
+    "ckpt": ("switchdit_dist.bench.ckpt", "checkpoint bytes on disk and training time blocked per save"),
 }
 
 

@@ -1,9 +1,10 @@
 """``switchdit bench train``: training-step throughput of DiT vs Switch-DiT at the same size.
 
-One process, no DeepSpeed: each step is the trainer's own loss (``create_diffusion().losses``, the
-hybrid MSE + VLB loss, plus for Switch-DiT the diffusion prior loss with its Hungarian matching on
-the router's patterns of all T timesteps), ``backward`` and a plain ``torch.optim.AdamW`` step.
-Switch-DiT is the paper's configuration (E=3 linear experts, top-2) with all experts local.
+One process, no DeepSpeed engine: each step is the trainer's own step (``train/step.py``: the
+draws, the plan of routes and prior matching made once per step from the timesteps, the hybrid
+MSE + VLB diffusion loss plus for Switch-DiT the diffusion prior loss), ``backward`` and a plain
+``torch.optim.AdamW`` step. Switch-DiT is the paper's configuration (E=3 linear experts, top-2) in
+the trainer's experts layer (``moe/layer.py``) at an expert-parallel size of 1.
 
 Side by side: for every size both models (and, with ``--compile``, their ``torch.compile``d
 versions) are built first, then timed in turn inside every repetition, so a change in machine
@@ -17,9 +18,10 @@ optimizer state plus the largest amount of memory the step allocated on top (CUD
 allocator's peak; CPU: every tensor storage the step creates, tracked until freed, in one extra
 untimed step).
 
-On a GPU: bf16 autocast (fp32 weights and AdamW state), the batch found by doubling until it no
-longer fits (``--batch auto``), DiT-XL/2 beside Switch-DiT-XL/2 on 256 px latents (32x32x4);
-``--compile`` adds compiled variants.
+Precision as the trainer has it under DeepSpeed: bf16 weights, activations and gradients with fp32
+master weights that AdamW updates (``--precision bf16``, the GPU default), or fp32 throughout.
+On a GPU: the batch found by doubling until it no longer fits (``--batch auto``), DiT-XL/2 beside
+Switch-DiT-XL/2 on 256 px latents (32x32x4); ``--compile`` adds compiled variants.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from switchdit_dist.devices import matmul_peak_tflops, resolve_device, synchronize
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.registry import SIZES, build_model, model_config
+from switchdit_dist.train.step import Draws, Objective, draw
 
 ARCHS = ("dit", "switch-dit")
 NAMES = {"dit": "DiT", "switch-dit": "Switch-DiT"}
@@ -125,7 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=int, help="untimed steps per variant first (default 1; 3 with --compile)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--precision", choices=PRECISIONS, help="default bf16 autocast on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16 (bf16 weights, fp32 masters; default on GPU) or fp32 (default on CPU)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument(
         "--sdpa",
@@ -190,56 +197,66 @@ def run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- one training step
 
 
+DIFFUSION_STEPS = 1000
+CLASS_DROPOUT = 0.1  # DiT's label dropout, as the trainer's default config
+
+
 @dataclass
 class StepInputs:
     x0: torch.Tensor
     y: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
+    draws: Draws  # timesteps, noise and label dropout, as the trainer draws them
     prior_seed: int
 
 
 def make_inputs(config: TrainBenchConfig, batch: int, iteration: int, device: torch.device) -> StepInputs:
-    """The same random latents, labels, timesteps and noise for every variant at one iteration."""
+    """The same random latents, labels and draws for every variant at one iteration (on the host: the
+    step moves them, as the trainer's does)."""
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-    shape = (batch, config.in_channels, config.input_size, config.input_size)
-    return StepInputs(
-        x0=torch.randn(shape, generator=gen).to(device),
-        y=torch.randint(0, config.num_classes, (batch,), generator=gen).to(device),
-        t=torch.randint(0, 1000, (batch,), generator=gen).to(device),
-        noise=torch.randn(shape, generator=gen).to(device),
-        prior_seed=config.seed * 1_000_003 + iteration,
-    )
+    shape = (config.in_channels, config.input_size, config.input_size)
+    x0 = torch.randn((batch, *shape), generator=gen)
+    y = torch.randint(0, config.num_classes, (batch,), generator=gen)
+    draws = draw(gen, batch, shape, DIFFUSION_STEPS, CLASS_DROPOUT)
+    return StepInputs(x0=x0, y=y, draws=draws, prior_seed=config.seed * 1_000_003 + iteration)
 
 
 class TrainStep:
-    """Model, AdamW and the trainer's loss for one architecture; ``step(inputs, compiled)``."""
+    """Model, AdamW and the trainer's step for one architecture; ``step(inputs, compiled)``."""
 
     def __init__(self, arch: str, size: str, config: TrainBenchConfig, device: torch.device):
         from switchdit_dist.diffusion import create_diffusion
-        from switchdit_dist.models.prior import DiffusionPriorLoss
+        from switchdit_dist.moe.layer import expert_parallel_factory
 
         overrides = dict(
-            input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes
+            input_size=config.input_size,
+            in_channels=config.in_channels,
+            num_classes=config.num_classes,
+            class_dropout_prob=CLASS_DROPOUT,
         )
         if arch == "switch-dit":
             overrides.update(num_experts=config.num_experts, top_k=config.top_k)
         self.arch, self.size = arch, size
         self.model_config = model_config(arch, size, config.patch_size, **overrides)
         torch.manual_seed(config.seed)
-        self.model = build_model(self.model_config).to(device).train()
+        # The trainer's experts layer at an expert-parallel size of 1 (no process group needed).
+        factory = expert_parallel_factory(1) if arch == "switch-dit" else None
+        model = build_model(self.model_config, factory) if factory else build_model(self.model_config)
+        self.model = model.to(device).train()
         self.device = device
-        self.diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.model_config.learn_sigma)
-        self.prior = (
-            DiffusionPriorLoss(
-                self.model_config.depth, config.num_experts, config.top_k, self.diffusion.num_timesteps
-            )
-            if arch == "switch-dit"
-            else None
+        self.diffusion = create_diffusion(
+            timestep_respacing="", learn_sigma=self.model_config.learn_sigma, num_timesteps=DIFFUSION_STEPS
+        )
+        bf16 = config.precision == "bf16"
+        self.objective = Objective(
+            self.diffusion, self.model_config, torch.bfloat16 if bf16 else torch.float32
         )
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+        # bf16: the module holds bf16 weights, AdamW updates fp32 masters (DeepSpeed's bf16 mode).
+        self.masters = [p.detach().float().clone() for p in params] if bf16 else None
+        if bf16:
+            self.model.to(torch.bfloat16)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(self.masters or params, lr=1e-4, weight_decay=0.0)
         self.forwards: dict[bool, Callable] = {False: self.model}
         if config.compile:
             self.forwards[True] = torch.compile(self.model, backend=config.compile_backend)
@@ -252,41 +269,33 @@ class TrainStep:
         return sum(p.numel() for p in self.model.parameters())
 
     def persistent_bytes(self) -> int:
-        """Weights, buffers and optimizer state: what stays allocated between steps."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        """Weights, buffers, fp32 masters and optimizer state: what stays allocated between steps."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers()) + list(self.masters or [])
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def loss(self, inputs: StepInputs, compiled: bool = False) -> torch.Tensor:
-        """The trainer's loss (``train/loop.py``): hybrid diffusion loss + weighted prior loss."""
-        forward = self.forwards[compiled]
-        x_t = self.diffusion.q_sample(inputs.x0, inputs.t, inputs.noise)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            if self.prior is not None:
-                out, gates = forward(x_t, inputs.t, inputs.y, return_gates=True)
-            else:
-                out, gates = forward(x_t, inputs.t, inputs.y), None
-        loss = self.diffusion.losses(out.float(), inputs.x0, x_t, inputs.t, inputs.noise)["loss"].mean()
-        if self.prior is not None:
-            all_t = torch.arange(self.diffusion.num_timesteps, device=self.device)
-            with autocast:
-                all_gates = self.model.gate_probs_for_timesteps(all_t)
-            prior = self.prior(gates, inputs.t, all_gates, np.random.default_rng(inputs.prior_seed))
-            loss = loss + self.model_config.prior_loss_weight * prior
-        return loss
+        """The trainer's objective (``train/step.py``) on one micro-batch: plan, then forward and loss."""
+        rng = np.random.default_rng(inputs.prior_seed)
+        plan = self.objective.plan(self.model, [inputs.draws.t], rng)
+        batch = self.objective.inputs(inputs.x0, inputs.y, inputs.draws, self.device)
+        return self.objective(self.forwards[compiled], batch, None if plan is None else plan[0]).loss
 
-    def step(self, inputs: StepInputs, compiled: bool = False) -> float:
+    def step(self, inputs: StepInputs, compiled: bool = False) -> torch.Tensor:
+        """One optimizer step; returns the detached loss (on the device: nothing waits for it)."""
         loss = self.loss(inputs, compiled)
         loss.backward()
+        if self.masters is not None:
+            for master, p in zip(self.masters, self.params):
+                master.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        if self.masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+        return loss.detach()
 
 
 # --------------------------------------------------------------------------- measuring
@@ -470,7 +479,7 @@ def measure_all(config: TrainBenchConfig) -> tuple[list[Row], dict]:
 def format_table(rows: list[Row], config: TrainBenchConfig, notes: dict) -> str:
     first = rows[0]
     where = notes.get("gpu") or f"{config.device}, {notes['threads']} thread(s)"
-    precision = "bf16 autocast" if config.precision == "bf16" else "fp32"
+    precision = "bf16 weights, fp32 masters" if config.precision == "bf16" else "fp32"
     lines = [
         f"Training step (diffusion loss + prior loss for Switch-DiT, AdamW), DiT vs Switch-DiT "
         f"(E={config.num_experts}, k={config.top_k}, linear experts); {first.tokens} tokens per image; "

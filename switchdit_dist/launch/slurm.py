@@ -11,7 +11,6 @@ submitted. Every argument and the config's parallel layout are checked before an
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import shutil
@@ -209,33 +208,20 @@ def check_submit_config(sub: SubmitConfig) -> Config:
 
 
 def check_resume_layout(run_dir: Path, config: Config, world_size: int) -> None:
-    """A run directory with a checkpoint resumes from it: the model must match it, and so must the
-    layout unless the checkpoint carries the topology-independent copy the trainer reshards from.
+    """A run directory with a checkpoint resumes from it: its format must be one this version
+    reads, and its model architecture the config's (loss settings may change). Any layout resumes
+    any other (number of ranks, ``parallel.ep_size``, ZeRO stage), so the layout is not checked.
 
     The trainer refuses a mismatch too, but only after the job has waited in the queue.
     """
-    from switchdit_dist.train.checkpoint import find_resume_point
-    from switchdit_dist.train.portable import has_portable
+    from switchdit_dist.checkpoint.schema import CheckpointMeta
+    from switchdit_dist.checkpoint.store import find_resume_point
 
     checkpoint = find_resume_point(run_dir / "checkpoints")
-    if checkpoint is None or not (checkpoint / "meta.json").is_file():
+    if checkpoint is None:
         return
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    if meta.get("model_hash") not in (None, config.model_hash()):
-        raise UserError(
-            f"--run-dir {run_dir} holds checkpoint {checkpoint.name} of a different model (model section "
-            "changed); use a new --run-dir or the model settings it was trained with"
-        )
-    layout_changed = (
-        meta.get("world_size", world_size) != world_size or meta.get("ep_size") != config.parallel.ep_size
-    )
-    if layout_changed and not has_portable(checkpoint):
-        raise UserError(
-            f"--run-dir {run_dir} resumes from {checkpoint.name}, written by {meta.get('world_size')} ranks "
-            f"with parallel.ep_size={meta.get('ep_size')}; this submission has {world_size} ranks with "
-            f"parallel.ep_size={config.parallel.ep_size}, and the checkpoint has no topology-independent "
-            "copy (portable/) to reshard from. Submit the same layout or use a new --run-dir"
-        )
+    meta = CheckpointMeta.read(checkpoint)
+    meta.check_model(vars(config.model), f"--run-dir {run_dir}: checkpoint {checkpoint.name}")
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -342,9 +328,11 @@ def log_paths(run_dir: Path, job_id: str) -> dict[str, str]:
 def submit(sub: SubmitConfig, dry_run: bool = False) -> str | None:
     """Validate, render, store and submit. Returns the job id (None for a dry run)."""
     from switchdit_dist.config import save_resolved
+    from switchdit_dist.train.resume_config import check as check_resume_settings
 
     config = check_submit_config(sub)
     run_dir = (sub.run_dir or default_run_dir(sub.config)).absolute()
+    check_resume_settings(run_dir, config)  # what a resume may not change, before the job queues
     check_resume_layout(run_dir, config, sub.world_size)
     script = render_script(sub, run_dir)
     if dry_run:

@@ -86,7 +86,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with one extra row, the null class used for classifier-free guidance."""
+    """Class embedding with one extra row, the null class (id ``num_classes``) used for
+    classifier-free guidance; the row exists when ``dropout_prob > 0``.
+
+    Label dropout is not drawn here: the training step draws which samples get the null class from
+    its own generator and passes them in ``labels`` (``switchdit_dist/train/step.py``), so the
+    network is a deterministic function of its inputs, in training mode too.
+    """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -95,13 +101,7 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels: torch.Tensor) -> torch.Tensor:
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            labels = self.token_drop(labels)
         return self.embedding_table(labels)
 
 

@@ -14,11 +14,16 @@ Experts start at zero, so m = 1 and the model equals DiT exactly at initialisati
 The experts module is injected (``experts_factory``) so the same model runs with all experts
 local or with the expert-parallel layer from ``switchdit_dist.moe``; this file knows nothing of
 process groups.
+
+Because the gate depends on t alone, a caller that knows the timesteps can decide the routes of
+every block before the forward (``route_table``) and hand them in as ``Routes``; the forward then
+uses them instead of its own top-k, and experts modules that take them get the per-expert sample
+counts too, so nothing inside the forward has to read routing decisions back from the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +49,20 @@ class SwitchDiTConfig(DiTConfig):
 
 
 ExpertsFactory = Callable[[SwitchDiTConfig, int], nn.Module]
+
+
+@dataclass
+class Routes:
+    """A batch's routing in every block, decided before the forward.
+
+    ``index`` [B, depth, k]: each sample's top-k experts per block, on the model's device.
+    ``expert_counts``: per block, what the experts module needs to place the samples without
+    reading ``index`` back from the device (the expert-parallel layer takes its group's samples
+    per expert, on the host, as ``expert_counts``); None when the experts need nothing.
+    """
+
+    index: torch.Tensor
+    expert_counts: Sequence[object] | None = None
 
 
 def local_experts_factory(config: SwitchDiTConfig, block_index: int) -> nn.Module:
@@ -74,17 +93,31 @@ class SwitchDiTBlock(DiTBlock):
         self.moe = experts
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, t_emb: torch.Tensor
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        t_emb: torch.Tensor,
+        index: torch.Tensor | None = None,
+        expert_counts: object | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, index, weight = self.router(t_emb)
-        mask = 1 + self.moe(x, index, weight.to(x.dtype))
+        """``index`` [B, k]: routes decided by the caller (the router's own top-k otherwise);
+        the weights are always the router's probabilities of those experts, so they keep their
+        gradient."""
+        if index is None:
+            probs, index, weight = self.router(t_emb)
+        else:
+            probs = self.router.probs(t_emb)
+            weight = probs.gather(-1, index)
+        extra = {} if expert_counts is None else {"expert_counts": expert_counts}
+        mask = 1 + self.moe(x, index, weight.to(x.dtype), **extra)
         r = self.residual_branches(x * mask, c)
         return r + (1 - mask) * x, probs
 
 
 class SwitchDiT(DiT):
     """``forward(x, t, y)`` -> network output; ``return_gates=True`` also returns the gate
-    probabilities [B, depth, E] that the diffusion prior loss needs."""
+    probabilities [B, depth, E] that the diffusion prior loss needs; ``routes`` (see ``Routes``)
+    replaces the routers' own top-k."""
 
     config: SwitchDiTConfig
 
@@ -109,11 +142,22 @@ class SwitchDiT(DiT):
                 if hasattr(module, "reset_expert_parameters"):
                     module.reset_expert_parameters()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_gates: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_gates: bool = False,
+        routes: Routes | None = None,
+    ):
         tokens, c, t_emb = self.embed(x, t, y)
         gates = []
-        for block in self.blocks:
-            tokens, probs = block(tokens, c, t_emb)
+        for i, block in enumerate(self.blocks):
+            if routes is None:
+                tokens, probs = block(tokens, c, t_emb)
+            else:
+                counts = None if routes.expert_counts is None else routes.expert_counts[i]
+                tokens, probs = block(tokens, c, t_emb, routes.index[:, i], counts)
             gates.append(probs)
         out = self.unpatchify(self.final_layer(tokens, c))
         if return_gates:
@@ -125,3 +169,8 @@ class SwitchDiT(DiT):
         """Router probabilities of every block for the given timesteps: [T, depth, E]."""
         t_emb = self.t_embedder(timesteps)
         return torch.stack([block.router.probs(t_emb) for block in self.blocks], dim=1)
+
+    @torch.no_grad()
+    def route_table(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Every block's top-k experts for the given timesteps: [T, depth, k] expert ids."""
+        return self.gate_probs_for_timesteps(timesteps).topk(self.config.top_k, dim=-1).indices

@@ -5,7 +5,10 @@ as one contiguous [L, D] block. For one MoE layer call:
 
 1. ``plan_dispatch``: sort the B*k pairs by destination expert (experts are placed in contiguous
    runs per rank, so this also groups them by rank), count pairs per expert and swap the counts
-   with one small equal-split ``all_to_all_single``.
+   with one small equal-split ``all_to_all_single``. The split sizes are host integers, so this
+   reads the counts back from the device; a caller that already knows every rank's counts (the
+   training step, which derives them from the timesteps once per step) passes them as
+   ``expert_counts`` and the plan is made without a count exchange or a device read.
 2. ``DispatchPlan.dispatch``: gather the pairs' sample blocks in that order and send them with
    one variable-size ``all_to_all_single``. The receiver gets, per source rank, one contiguous
    run per local expert.
@@ -97,11 +100,23 @@ class DispatchPlan:
         return torch.bmm(weight, per_slot).view(batch, length, dim)
 
 
-def plan_dispatch(expert_index: torch.Tensor, num_experts: int, ep_size: int = 1, group=None) -> DispatchPlan:
+def plan_dispatch(
+    expert_index: torch.Tensor,
+    num_experts: int,
+    ep_size: int = 1,
+    group=None,
+    *,
+    expert_counts: torch.Tensor | None = None,
+    ep_rank: int = 0,
+) -> DispatchPlan:
     """Sort the pairs of ``expert_index`` [B, k] by expert and swap per-expert counts with the EP group.
 
     Experts are placed in contiguous runs: EP rank r holds global experts
     ``r * num_local_experts ... (r + 1) * num_local_experts - 1``.
+
+    ``expert_counts`` (host int tensor [ep_size, num_experts]): row r counts EP rank r's pairs per
+    expert in this call, row ``ep_rank`` being this rank's. With it nothing is exchanged or read
+    from the device; the caller vouches that its own row matches ``expert_index``.
     """
     if expert_index.dim() != 2:
         raise ValueError(f"expert_index must be [batch, k], got shape {tuple(expert_index.shape)}")
@@ -109,27 +124,58 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int, ep_size: int = 1
         raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
     num_local = num_experts // ep_size
     flat = expert_index.reshape(-1).long()
-    if flat.numel():
-        low, high = int(flat.min()), int(flat.max())
-        if low < 0 or high >= num_experts:
-            raise ValueError(f"expert_index values must lie in [0, {num_experts}), got min {low} max {high}")
+    if expert_counts is None:
+        send_counts, recv_counts = _exchange_counts(flat, num_experts, ep_size, group)
+    else:
+        send_counts, recv_counts = _given_counts(expert_counts, flat.numel(), num_experts, ep_size, ep_rank)
     pair_order = torch.argsort(flat, stable=True)
     pair_position = torch.empty_like(pair_order)
     pair_position[pair_order] = torch.arange(pair_order.numel(), device=pair_order.device)
-    send_counts = torch.bincount(flat, minlength=num_experts)
-    if ep_size > 1:
-        # Equal splits: rank r receives, from every source, the counts of its own local experts.
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)
-    else:
-        recv_counts = send_counts
     return DispatchPlan(
         top_k=expert_index.shape[1],
         num_local_experts=num_local,
         pair_order=pair_order,
         pair_position=pair_position,
-        send_splits=send_counts.view(ep_size, num_local).sum(1).tolist(),
-        recv_splits=recv_counts.view(ep_size, num_local).sum(1).tolist(),
+        send_splits=send_counts.reshape(ep_size, num_local).sum(1).tolist(),
+        recv_splits=recv_counts.reshape(ep_size, num_local).sum(1).tolist(),
         chunk_sizes=recv_counts.tolist(),
         group=group,
     )
+
+
+def _exchange_counts(
+    flat: torch.Tensor, num_experts: int, ep_size: int, group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts from the routes themselves: checked, counted, swapped with the group, on the host."""
+    if flat.numel():
+        low, high = torch.stack(torch.aminmax(flat)).tolist()
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"expert_index values must lie in [0, {num_experts}), got min {low} max {high}")
+    send_counts = torch.bincount(flat, minlength=num_experts)
+    if ep_size > 1:
+        # Equal splits: rank r receives, from every source, the counts of its own local experts.
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        return send_counts.cpu(), recv_counts.cpu()
+    send_counts = send_counts.cpu()
+    return send_counts, send_counts
+
+
+def _given_counts(
+    counts: torch.Tensor, num_pairs: int, num_experts: int, ep_size: int, ep_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's send counts and, per source rank, its local experts' counts, from the group's table."""
+    if counts.device.type != "cpu" or tuple(counts.shape) != (ep_size, num_experts):
+        raise ValueError(
+            f"expert_counts must be a host tensor [ep_size={ep_size}, num_experts={num_experts}], got "
+            f"{tuple(counts.shape)} on {counts.device}"
+        )
+    send_counts = counts[ep_rank].long()
+    if int(send_counts.sum()) != num_pairs:
+        raise ValueError(
+            f"expert_counts of EP rank {ep_rank} add up to {int(send_counts.sum())} but expert_index has "
+            f"{num_pairs} (sample, slot) pairs"
+        )
+    num_local = num_experts // ep_size
+    recv_counts = counts[:, ep_rank * num_local : (ep_rank + 1) * num_local].long().reshape(-1)
+    return send_counts, recv_counts

@@ -10,7 +10,9 @@ only the experts (``deepspeed_moe.experts.deepspeed_experts.{i}``), the names th
 checkpoint code rewrites between local and global expert ids.
 
 Routing comes from the model (Switch-DiT's timestep router), so this layer has no gate and no
-parameters other than expert parameters.
+parameters other than expert parameters. The training step knows the routes of a whole step from
+its timesteps and passes every EP rank's samples per expert as ``expert_counts``; called without
+them the layer counts and exchanges them itself (one device read and one count exchange per call).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from torch import nn
 
 from switchdit_dist.models.experts import LocalExperts
 from switchdit_dist.models.switch_dit import ExpertsFactory, SwitchDiTConfig
 from switchdit_dist.moe.dispatch import plan_dispatch
 from switchdit_dist.moe.experts import ExpertShard
+from switchdit_dist.train import deepspeed_adapter as ds
 
 
 class ExpertParallelMoE(MoE):
@@ -59,11 +61,9 @@ class ExpertParallelMoE(MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Create DeepSpeed's expert/expert-data parallel groups for ``ep_size`` if missing, and use them."""
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
-            )
-        self._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+        if not ds.has_expert_groups(self.expert_group_name):
+            ds.create_expert_groups(self.ep_size, use_data_before_expert_parallel_)
+        self._set_ep_group(ds.expert_parallel_group(self.expert_group_name))
 
     def _set_ep_group(self, ep_group) -> None:
         size = dist.get_world_size(ep_group)
@@ -118,16 +118,38 @@ class ExpertParallelMoE(MoE):
     # --- forward --------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+        self,
+        x: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+        expert_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, L, D], expert_index [B, k], expert_weight [B, k] ->
-        y[b] = sum_j expert_weight[b, j] * expert_{expert_index[b, j]}(x[b])."""
+        y[b] = sum_j expert_weight[b, j] * expert_{expert_index[b, j]}(x[b]).
+
+        ``expert_counts``: host int tensor [ep_size, num_experts], row r = EP rank r's (sample, slot)
+        pairs per expert in this call (see ``plan_dispatch``)."""
         if self.ep_size > 1:
             self._require_group()
-        plan = plan_dispatch(expert_index, self.num_experts, self.ep_size, self.ep_group)
+        plan = plan_dispatch(
+            expert_index,
+            self.num_experts,
+            self.ep_size,
+            self.ep_group,
+            expert_counts=expert_counts,
+            ep_rank=self.ep_rank if expert_counts is not None else 0,
+        )
         received = plan.dispatch(x)
         expert_out = self.deepspeed_moe(received, plan.chunk_sizes)
         return plan.combine(expert_out, expert_weight)
+
+
+def expert_parallel_layout(module: nn.Module) -> tuple[int, int, object] | None:
+    """``(ep_size, ep_rank, ep_group)`` shared by the model's expert-parallel layers; None without any."""
+    for sub in module.modules():
+        if isinstance(sub, ExpertParallelMoE):
+            return sub.ep_size, sub.ep_rank, sub.ep_group
+    return None
 
 
 def expert_parallel_factory(ep_size: int) -> ExpertsFactory:

@@ -1,19 +1,11 @@
-"""Checkpoints: the DeepSpeed engine state plus this project's side state, written crash-safely.
+"""The trainer's checkpoints: saving every rank's state (``engine_state``) through the checkpoint
+store, and resuming from the newest intact checkpoint of any layout.
 
-Layout of ``RUN_DIR/checkpoints/``::
-
-    latest                          name of the newest complete checkpoint (moved last, atomically)
-    step_00000006/
-        mp_rank_00_model_states.pt, layer_*_expert_*_..., *optim_states.pt   (DeepSpeed)
-        side_rank_{r}.pt            per rank: step, data position, RNG states, config hash
-        ema_shared.safetensors      EMA of the replicated (non-expert) weights, from rank 0
-        ema_experts_ep{p}.safetensors   EMA of expert-parallel rank p's experts (global names)
-        portable/                   weights + Adam state by global name, any layout (see portable.py)
-        meta.json                   step, topology, model config and its hash
-        COMPLETE                    written by rank 0 once every rank has finished writing
-
-A crash at any moment leaves ``latest`` on the previous complete checkpoint: a directory without
-``COMPLETE`` is never resumed from, and ``latest`` moves only after ``COMPLETE`` exists.
+What a checkpoint holds and how it is written is defined in ``switchdit_dist.checkpoint``; this
+module decides *when* and *which*: it builds the entries of a save, keeps at most one asynchronous
+save in flight, and at resume verifies the candidate (sizes always, checksums with
+``checkpoint.verify=full``), falls back to the previous intact checkpoint when
+``checkpoint.fallback=previous``, checks the model, and loads the state into the engine.
 """
 
 from __future__ import annotations
@@ -21,60 +13,30 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from switchdit_dist.checkpoint import dcp_io, store
+from switchdit_dist.checkpoint.manifest import Damage, Damaged
+from switchdit_dist.checkpoint.schema import CheckpointMeta, FormatError, RankState, rank_key
+from switchdit_dist.checkpoint.store import (  # noqa: F401  (the trainer's names for them)
+    atomic_write_text,
+    complete_checkpoints,
+    find_resume_point,
+    is_complete,
+    step_of,
+    tag_for,
+)
 from switchdit_dist.errors import UserError
-from switchdit_dist.train import comm, param_names
+from switchdit_dist.train import comm, engine_state
+from switchdit_dist.train.param_names import ExpertPlacement  # noqa: F401  (engine.py imports it here)
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    return int(tag.split("_")[-1])
-
-
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: step_of(p.name))
-
-
-def find_resume_point(ckpt_dir: Path) -> Path | None:
-    """The checkpoint named by ``latest`` if complete, else the newest complete one."""
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        candidate = ckpt_dir / latest.read_text().strip()
-        if candidate.is_dir() and is_complete(candidate):
-            return candidate
-    complete = complete_checkpoints(ckpt_dir)
-    return complete[-1] if complete else None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Where a SLURM attempt's checkpoint fallback is recorded for attempts.jsonl (see the batch script).
+FALLBACK_RECORD = "checkpoint-fallback.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,152 +66,207 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @dataclass
-class ExpertPlacement:
-    """Where this rank's experts sit: its expert-parallel rank and how many experts it holds."""
+class Resumed:
+    """What a resume found and loaded (the weights, optimizer state and counters are in the engine)."""
 
-    ep_rank: int = 0
-    num_local_experts: int = 1
-    is_expert_writer: bool = True  # first rank of its expert-data-parallel group
+    path: Path
+    meta: CheckpointMeta
+    step: int
+    side: RankState  # this rank's own (same number of ranks) or rank 0's
+    same_ranks: bool
+    skipped_total: int
+    ema: dict[str, torch.Tensor]  # by local name
+    damaged: list[tuple[Path, list[Damage]]] = field(default_factory=list)  # newer ones passed over
+    setting_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class SaveReport:
+    ok: bool  # this save was written (synchronous) or handed to the background (asynchronous)
+    failed_step: int | None = None  # an earlier asynchronous save that failed
+    error: str = ""
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, rank: int, keep: int):
+    def __init__(self, run_dir: Path, rank: int, world_size: int, section, group=None):
+        """``section``: the config's checkpoint section. ``group``: a CPU process group of all
+        ranks for the checkpoint's collectives (``comm.new_cpu_group``); asynchronous saves need
+        it, as they run beside the training loop's collectives."""
         self.dir = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
         self.rank = rank
-        self.keep = keep
+        self.world_size = world_size
+        self.section = section
+        self.writer = store.CheckpointWriter(
+            self.dir, rank, world_size, section.keep, group, asynchronous=section.async_
+        )
+        self.last_complete: int | None = None
 
-    # --- writing ---------------------------------------------------------------------------
+    @property
+    def timings(self) -> list[store.SaveOutcome]:
+        return self.writer.outcomes
+
+    # --- saving ---------------------------------------------------------------------------
 
     def save(
         self,
         engine,
-        step: int,
-        side_state: dict[str, Any],
-        ema_state: dict[str, torch.Tensor],
         placement: ExpertPlacement,
-        meta: dict[str, Any],
+        step: int,
+        ema_state: dict[str, torch.Tensor],
+        loader_state: dict[str, Any],
+        skipped_total: int,
+        meta: CheckpointMeta,
         fault_hook=None,
-    ) -> Path | None:
-        """Write a checkpoint on every rank; returns its path, or None if any rank failed.
+        wait: bool = False,
+    ) -> SaveReport:
+        """Write the checkpoint of ``step`` on every rank (collective). ``wait``: return only once
+        it is complete, also when saving asynchronously (the last save of a run, a stop)."""
+        earlier = self._settle(self.writer.wait())
+        entries = engine_state.engine_entries(engine, placement)
+        state = {**entries.state, **engine_state.ema_entries(ema_state, placement)}
+        state[rank_key(self.rank)] = RankState(loader=loader_state, rng=rng_state()).encode()
+        if self.rank == 0:
+            state["trainer/state"] = engine_state.trainer_state(engine, step, skipped_total).encode()
+        request = store.SaveRequest(step, state, entries.ranges, meta, fault_hook)
+        outcome = self.writer.save(request)
+        if outcome is None and wait:
+            outcome = self.writer.wait()
+        report = SaveReport(ok=True) if outcome is None else SaveReport(ok=self._settle(outcome) is None)
+        if earlier is not None:
+            report.failed_step, report.error = earlier.step, earlier.error
+        return report
 
-        A failed write (disk full, permissions) is reported by every rank and leaves ``latest``
-        and the previous checkpoints untouched.
-        """
-        tag = tag_for(step)
-        path = self.dir / tag
-        error: Exception | None = None
-        try:
-            if self.rank == 0:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                if path.exists():  # a leftover from a crash at this very step
-                    shutil.rmtree(path)
-            comm.barrier()
-            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        except OSError as err:
-            error = err
-        # The topology-independent copy is written with collectives: every rank joins only if
-        # every rank's DeepSpeed files were written.
-        if not comm.any_rank(error is not None):
-            from switchdit_dist.train.portable import save_portable  # (portable imports this module)
+    def finish(self) -> SaveReport:
+        """Wait for the save in flight; its failure, if any, as a report."""
+        failed = self._settle(self.writer.wait())
+        return SaveReport(ok=failed is None, failed_step=failed.step if failed else None)
 
-            try:
-                save_portable(engine, path, placement, step)
-                if fault_hook is not None:
-                    fault_hook(step)
-                torch.save(side_state, path / f"side_rank_{self.rank}.pt")
-                self._save_ema(path, ema_state, placement, step)
-                if self.rank == 0:
-                    (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            except OSError as err:
-                error = err
-        if comm.any_rank(error is not None):
-            if error is not None:
-                print(f"[rank {self.rank}] checkpoint write to {path} failed: {error}", flush=True)
+    def _settle(self, outcome: store.SaveOutcome | None) -> store.SaveOutcome | None:
+        """Note a finished save; returns it if it failed (after printing this rank's error)."""
+        if outcome is None:
             return None
-        if self.rank == 0:
-            atomic_write_text(path / COMPLETE, f"{step}\n")
-            atomic_write_text(self.dir / LATEST, tag + "\n")
-            self._prune(current=path)
-        comm.barrier()
-        return path
-
-    def _save_ema(
-        self, path: Path, ema_state: dict[str, torch.Tensor], placement: ExpertPlacement, step: int
-    ) -> None:
-        shared, experts = {}, {}
-        for name, tensor in ema_state.items():
-            if param_names.is_expert_name(name):
-                global_name = param_names.to_global(name, placement.ep_rank, placement.num_local_experts)
-                experts[global_name] = tensor.contiguous()
-            else:
-                shared[name] = tensor.contiguous()
-        metadata = {"step": str(step)}  # lets readers (switchdit convert) catch files from another step
-        if self.rank == 0:
-            save_file(shared, str(path / "ema_shared.safetensors"), metadata=metadata)
-        if experts and placement.is_expert_writer:
-            save_file(
-                experts, str(path / f"ema_experts_ep{placement.ep_rank}.safetensors"), metadata=metadata
+        if outcome.ok:
+            self.last_complete = outcome.step
+            return None
+        if outcome.error:
+            print(
+                f"[rank {self.rank}] checkpoint write to {outcome.path} failed: {outcome.error}", flush=True
             )
+        return outcome
 
-    def _prune(self, current: Path) -> None:
-        complete = complete_checkpoints(self.dir)
-        for old in complete[: max(0, len(complete) - self.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-        # Incomplete directories older than the newest complete one are crash leftovers.
-        for leftover in self.dir.glob("step_*"):
-            if (
-                leftover.is_dir()
-                and not is_complete(leftover)
-                and step_of(leftover.name) < step_of(current.name)
-            ):
-                shutil.rmtree(leftover, ignore_errors=True)
+    # --- resuming -------------------------------------------------------------------------
 
-    # --- reading ---------------------------------------------------------------------------
-
-    def resume_point(self) -> Path | None:
-        return find_resume_point(self.dir)
-
-    def check_compatible(self, path: Path, model_hash: str, model_section: dict[str, Any]) -> dict[str, Any]:
-        meta = json.loads((path / "meta.json").read_text())
-        if meta["model_hash"] != model_hash:
-            saved = meta.get("model", {})
-            changed = sorted(
-                k for k in set(saved) | set(model_section) if saved.get(k) != model_section.get(k)
-            )
-            details = ", ".join(f"model.{k}: {saved.get(k)!r} -> {model_section.get(k)!r}" for k in changed)
-            raise UserError(
-                f"checkpoint {path} was written for a different model ({details}); "
-                "use a new --run-dir, or restore the model settings to resume"
-            )
-        return meta
-
-    def load_side_state(self, path: Path) -> dict[str, Any]:
-        file = path / f"side_rank_{self.rank}.pt"
-        if not file.is_file():
-            raise UserError(
-                f"checkpoint {path} has no side state for rank {self.rank} ({file.name}); "
-                "it was written by a "
-                "different number of processes"
-            )
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-    def load_ema(
-        self, path: Path, placement: ExpertPlacement, local_names: list[str]
-    ) -> dict[str, torch.Tensor]:
-        state = load_file(str(path / "ema_shared.safetensors"))
-        expert_file = path / f"ema_experts_ep{placement.ep_rank}.safetensors"
-        if expert_file.is_file():
-            wanted = set(local_names)
-            for name, tensor in load_file(str(expert_file)).items():
-                # Experts held whole on one rank keep their global names; sharded ones map to local ids.
-                local = (
-                    name
-                    if name in wanted
-                    else param_names.to_local(name, placement.ep_rank, placement.num_local_experts)
+    def resume(self, engine, placement: ExpertPlacement, model_section: dict[str, Any]) -> Resumed | None:
+        """Load the newest intact checkpoint into ``engine`` (collective); None for a fresh run."""
+        candidates = store.resume_candidates(self.dir)
+        damaged: list[tuple[Path, list[Damage]]] = []
+        for path in candidates:
+            meta, damages = self._inspect(path)
+            if not damages:
+                changes = meta.check_model(model_section, f"checkpoint {path}")
+                try:
+                    loaded = self._load(engine, placement, path, meta)
+                except Damaged as err:
+                    damages = err.damages
+                else:
+                    self.last_complete = loaded.step
+                    loaded.damaged, loaded.setting_changes = damaged, changes
+                    return loaded
+            damaged.append((path, damages))
+            if self.section.fallback != "previous":
+                hint = (
+                    "checkpoint.fallback=previous resumes from the newest intact one"
+                    if len(candidates) > 1
+                    else ""
                 )
-                if local is not None:
-                    state[local] = tensor
-        missing = sorted(set(local_names) - set(state))
-        if missing:
-            raise UserError(f"checkpoint {path}: EMA lacks {len(missing)} weight(s), e.g. {missing[:3]}")
-        return {name: state[name] for name in local_names}
+                raise Damaged(path, damages, hint)
+        if damaged:
+            listing = "; ".join(f"{p.name}: " + ", ".join(map(str, d)) for p, d in damaged)
+            raise UserError(
+                f"no intact checkpoint to resume from in {self.dir} ({listing}). The run does not start "
+                "over by itself: repair or move the checkpoints away to start from step 0"
+            )
+        return None
+
+    def _inspect(self, path: Path) -> tuple[CheckpointMeta | None, list[Damage]]:
+        """The checkpoint's header and every rank's findings (the same on every rank)."""
+        meta, damages = None, []
+        try:
+            meta = CheckpointMeta.read(path)
+        except FormatError:
+            raise
+        except UserError as err:
+            damages = [Damage("meta.json", str(err))]
+        if not damages:
+            try:
+                damages = store.verify(path, self.section.verify == "full", self.rank, self.world_size)
+            except Damaged as err:
+                damages = err.damages
+        found = comm.all_gather_objects([(d.file, d.problem) for d in damages], self.writer.group)
+        merged = sorted({item for part in found for item in part})
+        return meta, [Damage(f, p) for f, p in merged]
+
+    def _load(self, engine, placement: ExpertPlacement, path: Path, meta: CheckpointMeta) -> Resumed:
+        same_ranks = meta.world_size == self.world_size
+        side_rank = self.rank if same_ranks else 0
+        where = f"checkpoint {path}"
+        index = dcp_io.tensor_index(path)
+        targets = engine_state.load_targets(engine, placement, index, side_rank, where)
+        try:
+            dcp_io.load(targets.state, targets.ranges, path, self.writer.group)
+        except Exception as err:  # a data file DCP cannot read: every rank raises (collective)
+            raise Damaged(path, [Damage("(data files)", f"unreadable: {_first_line(err)}")]) from None
+        trainer = engine_state.install(engine, placement, targets.state, where)
+        if trainer.step != meta.step:
+            raise UserError(f"{where}: trainer state is from step {trainer.step}, meta.json says {meta.step}")
+        side = RankState.decode(targets.state[rank_key(side_rank)], where)
+        ema = engine_state.ema_state(targets.state, engine.module, placement)
+        return Resumed(path, meta, meta.step, side, same_ranks, trainer.skipped_total, ema)
+
+    # --- reporting a resume -----------------------------------------------------------------
+
+    def record_resume(self, resumed: Resumed) -> None:
+        """Say loudly what the resume passed over or changed: the log, metrics.jsonl and, under
+        SLURM, the attempt's record (rank 0)."""
+        if self.rank != 0:
+            return
+        events = []
+        for path, damages in resumed.damaged:
+            problems = ", ".join(map(str, damages))
+            print(
+                f"WARNING: checkpoint {path} is damaged ({problems}); resuming from the previous intact "
+                f"checkpoint {resumed.path.name} instead (checkpoint.fallback=previous)",
+                flush=True,
+            )
+            events.append(
+                {
+                    "event": "checkpoint_fallback",
+                    "damaged": path.name,
+                    "problems": [str(d) for d in damages],
+                    "resumed_from": resumed.path.name,
+                }
+            )
+        if resumed.setting_changes:
+            text = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in resumed.setting_changes.items())
+            print(f"training settings changed on resume from {resumed.path.name}: {text}", flush=True)
+            events.append(
+                {
+                    "event": "training_settings_changed",
+                    "changes": {k: list(v) for k, v in resumed.setting_changes.items()},
+                }
+            )
+        if events:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                for event in events:
+                    f.write(json.dumps({"step": resumed.step, **event}) + "\n")
+        fallback = [e for e in events if e["event"] == "checkpoint_fallback"]
+        attempt_dir = os.environ.get("SWITCHDIT_ATTEMPT_DIR")
+        if fallback and attempt_dir and Path(attempt_dir).is_dir():
+            record = {"resumed_from": resumed.path.name, "damaged": [e["damaged"] for e in fallback]}
+            atomic_write_text(Path(attempt_dir) / FALLBACK_RECORD, json.dumps(record) + "\n")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [type(err).__name__])[0][:300]

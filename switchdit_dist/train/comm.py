@@ -10,6 +10,8 @@ collective, at world size 1 too, so that a single GPU runs the same path as a wh
 
 from __future__ import annotations
 
+import datetime
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -81,3 +83,25 @@ def barrier(group: ProcessGroup | None = None) -> None:
     """Wait until every rank of the group gets here."""
     if active():
         dist.barrier(group=group)
+
+
+def all_gather_objects(value: object, group: ProcessGroup | None = None) -> list[object]:
+    """``value`` of every rank of the group, in rank order (picklable objects; small ones: this
+    is for bookkeeping such as checkpoint manifests, not for tensors)."""
+    if not active():
+        return [value]
+    out: list[object] = [None] * dist.get_world_size(group)
+    with warnings.catch_warnings():  # torch's own use of a deprecated collective inside
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def new_cpu_group(timeout_s: float | None = None) -> ProcessGroup | None:
+    """A gloo group of all ranks, for collectives issued from a background thread (asynchronous
+    checkpoint writes) while the training loop uses the default group. Collective: every rank
+    must call it, in the same order relative to other group creations. None without a group."""
+    if not active():
+        return None
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+    return dist.new_group(backend="gloo", **kwargs)

@@ -1,12 +1,16 @@
-"""The training loop: data -> diffusion loss (+ diffusion prior loss) -> DeepSpeed engine -> EMA,
-metrics and checkpoints.
+"""The training loop: data -> the training step (``step.py``: diffusion loss + diffusion prior
+loss) -> DeepSpeed engine -> EMA, metrics and checkpoints.
 
-Every random draw of a step (timesteps, noise, label dropout, the prior's unit permutation) comes
-from generators seeded by (seed, step, slot), so a resumed run repeats the uninterrupted run bit for
-bit without replaying generator state; the global generator states are saved as well for anything
-else that draws from them. The slot (rank x accumulation steps + micro-step) is the micro-batch's
-place in the global batch: a run resumed on another number of ranks with the same micro-batch size
-draws the same timesteps and noise for the same place.
+Every random draw of a step comes from generators seeded by where it happens: timesteps, noise and
+label dropout by (seed, step, slot), the prior's unit permutation by (seed, step), so a resumed run
+repeats the uninterrupted run bit for bit without replaying generator state; the global generator
+states are saved as well for anything else that draws from them. The slot (rank x accumulation
+steps + micro-step) is the micro-batch's place in the global batch: a run resumed on another number
+of ranks with the same micro-batch size draws the same inputs for the same place.
+
+A step waits for the device only where it must: once at its start, for the routes and the prior
+matching (``Objective.plan``), and for the non-finite and stop decisions every rank agrees on.
+Losses and routing counts are accumulated on the device and read at logging steps.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from switchdit_dist.checkpoint.schema import CheckpointMeta
 from switchdit_dist.config import Config, grad_accumulation, save_resolved
 from switchdit_dist.devices import matmul_peak_tflops
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.flops import train_flops_per_image
-from switchdit_dist.models.prior import DiffusionPriorLoss
 from switchdit_dist.train import checkpoint as ckpt
-from switchdit_dist.train import portable
+from switchdit_dist.train import comm, resume_config
 from switchdit_dist.train.distributed import DistEnv
 from switchdit_dist.train.ema import EMA
 from switchdit_dist.train.engine import build_engine, expert_placement
@@ -35,6 +39,7 @@ from switchdit_dist.train.faults import FaultInjector
 from switchdit_dist.train.metrics import IntervalStats, MetricsWriter, gate_image, peak_memory_mb
 from switchdit_dist.train.seeding import derive_seed
 from switchdit_dist.train.signals import EXIT_CODES, StopRequest
+from switchdit_dist.train.step import Draws, MicroPlan, Objective, draw
 
 
 class Trainer:
@@ -79,15 +84,12 @@ class Trainer:
         self.engine, self.precision, self.guard = build_engine(cfg, self.model_config, env)
         self.module = self.engine.module
         self.placement = expert_placement(self.module)
-        self.ema = EMA(self.module, cfg.train.ema_decay)
-        self.prior = (
-            DiffusionPriorLoss(
-                self.model_config.depth, cfg.model.num_experts, cfg.model.top_k, cfg.diffusion.num_timesteps
-            )
-            if cfg.model.is_moe and cfg.model.prior_loss_weight > 0
-            else None
+        self.ema = EMA.from_engine(self.engine, cfg.train.ema_decay)
+        input_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.objective = Objective(self.diffusion, self.model_config, input_dtype)
+        self.checkpoints = ckpt.CheckpointManager(
+            self.run_dir, env.rank, env.world_size, cfg.checkpoint, comm.new_cpu_group(cfg.parallel.timeout_s)
         )
-        self.checkpoints = ckpt.CheckpointManager(self.run_dir, env.rank, cfg.checkpoint.keep)
         self.flops_per_image = train_flops_per_image(self.model_config)
         self.peak_flops = None  # matmul FLOP/s of this GPU in the training dtype: the MFU denominator
         if env.device.type == "cuda":
@@ -108,96 +110,66 @@ class Trainer:
             )
 
     def _resume(self) -> int:
-        path = self.checkpoints.resume_point()
-        if path is None:
+        """Continue from the newest intact checkpoint, written by any layout (number of processes,
+        parallel.ep_size, zero_stage). With another number of ranks the data loader cannot continue
+        mid-epoch (it starts the next epoch) and the global RNG states are not restored."""
+        resumed = self.checkpoints.resume(self.engine, self.placement, vars(self.config.model))
+        if resumed is None:
             return 0
-        meta = self.checkpoints.check_compatible(path, self.config.model_hash(), vars(self.config.model))
-        layout = (self.env.world_size, self.config.parallel.ep_size, self.config.parallel.zero_stage)
-        if (meta["world_size"], meta["ep_size"], meta.get("zero_stage")) != layout:
-            # DeepSpeed reads its MoE/ZeRO files only in the layout that wrote them
-            return self._resume_resharded(path, meta)
-        load_path, _ = self.engine.load_checkpoint(
-            str(self.checkpoints.dir),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {path}")
-        side = self.checkpoints.load_side_state(path)
-        self.loader.load_state_dict(side["loader"])
-        ckpt.set_rng_state(side["rng"])
-        self.skipped_total = int(side.get("skipped_total", 0))
-        names = [n for n, _ in self.module.named_parameters()]
-        self.ema.load_state_dict(self.checkpoints.load_ema(path, self.placement, names))
-        return int(side["step"])
-
-    def _resume_resharded(self, path: Path, meta: dict[str, Any]) -> int:
-        """A checkpoint of another layout (number of processes, parallel.ep_size or zero_stage):
-        weights, Adam state and EMA come from its portable copy (``portable.py``). With another number
-        of ranks the data loader cannot continue mid-epoch: it starts the next epoch."""
-        names = [n for n, _ in self.module.named_parameters()]
-        same_ranks = meta["world_size"] == self.env.world_size
-        resumed = portable.resume_resharded(
-            self.engine, path, self.placement, names, self.env.rank, same_ranks
-        )
-        self.loader.load_state_dict(resumed.side["loader"])
-        if same_ranks:
-            ckpt.set_rng_state(resumed.side["rng"])
-        self.skipped_total = int(resumed.side.get("skipped_total", 0))
+        self.loader.load_state_dict(resumed.side.loader)
+        if resumed.same_ranks:
+            ckpt.set_rng_state(resumed.side.rng)
+        self.skipped_total = resumed.skipped_total
         self.ema.load_state_dict(resumed.ema)
-        if self.env.is_main:
+        self.checkpoints.record_resume(resumed)
+        meta, cfg = resumed.meta, self.config
+        layout = (self.env.world_size, cfg.parallel.ep_size, cfg.parallel.zero_stage)
+        if meta.layout != layout and self.env.is_main:
             print(
-                f"resharded {path}: written by {meta['world_size']} process(es) with parallel.ep_size="
-                f"{meta['ep_size']}, zero_stage={meta.get('zero_stage')}; resumed on {self.env.world_size} "
-                f"with ep_size={self.config.parallel.ep_size}, zero_stage={self.config.parallel.zero_stage}",
+                f"resharded {resumed.path}: written by {meta.world_size} process(es) with parallel.ep_size="
+                f"{meta.ep_size}, zero_stage={meta.zero_stage}; resumed on {self.env.world_size} "
+                f"with ep_size={cfg.parallel.ep_size}, zero_stage={cfg.parallel.zero_stage}",
                 flush=True,
             )
         return resumed.step
 
     # --- one step --------------------------------------------------------------------------
 
-    def _micro_step(self, batch, step: int, micro: int, stats: IntervalStats) -> None:
-        cfg, env = self.config, self.env
-        device = env.device
-        x0 = batch.latent.to(device, torch.float32)
-        y = batch.cls.to(device)
-        slot = env.rank * self.accum + micro
-        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, slot))
-        t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), generator=gen).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        torch.manual_seed(derive_seed(cfg.train.seed, step, slot, 1))  # label dropout
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        model_in = x_t.to(torch.bfloat16) if self.precision == "bf16" else x_t
-        routes = None
-        if self.config.model.is_moe:
-            out, gates = self.engine(model_in, t, y, return_gates=True)
-            routes = gates.topk(cfg.model.top_k, dim=-1).indices
-        else:
-            out, gates = self.engine(model_in, t, y), None
-        per_sample = self.diffusion.losses(out.float(), x0, x_t, t, noise)
-        loss = per_sample["loss"].mean()
-        prior_value = 0.0
-        if self.prior is not None:
-            all_t = torch.arange(cfg.diffusion.num_timesteps, device=device)
-            prior_loss = self.prior(
-                gates,
-                t,
-                self.module.gate_probs_for_timesteps(all_t),
-                np.random.default_rng(derive_seed(cfg.train.seed, step, slot, 2)),
-            )
-            loss = loss + cfg.model.prior_loss_weight * prior_loss
-            prior_value = float(prior_loss.detach())
+    def _draws(self, step: int, micro: int) -> Draws:
+        cfg = self.config
+        slot = self.env.rank * self.accum + micro
+        generator = torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, slot))
+        latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        return draw(
+            generator,
+            cfg.train.micro_batch,
+            latent_shape,
+            cfg.diffusion.num_timesteps,
+            self.model_config.class_dropout_prob,
+        )
+
+    def _plan(self, step: int, draws: list[Draws]) -> list[MicroPlan] | None:
+        """Routes and prior matching of the whole step, before its first forward (one device read)."""
+        rng = np.random.default_rng(derive_seed(self.config.train.seed, step, 2))
+        return self.objective.plan(self.module, [d.t for d in draws], rng)
+
+    def _micro_step(
+        self, batch, draws: Draws, plan: MicroPlan | None, step: int, micro: int, stats: IntervalStats
+    ) -> None:
+        inputs = self.objective.inputs(batch.latent, batch.cls, draws, self.env.device)
+        terms = self.objective(self.engine, inputs, plan)
+        loss = terms.loss
         if self.faults.active("nan", step):
             loss = loss * float("nan")
         self.engine.backward(loss)
         self.faults.during_step(step)
         self.guard.last_step_skipped = False
         self.engine.step()
+        # Kept as tensors: read only if the step turns out to be skipped.
         self.nonfinite_batch.append(
-            {"micro": micro, "t": t.tolist(), "keys": list(batch.keys), "loss": float(loss.detach())}
+            {"micro": micro, "t": draws.t, "keys": list(batch.keys), "loss": loss.detach()}
         )
-        stats.add_micro(per_sample, prior_value, t, routes)
+        stats.add_micro(terms.per_sample, terms.prior, inputs.t, None if plan is None else plan.route_counts)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -206,6 +178,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._setup()
         step = self._resume()
+        if step > 0:  # the restored optimizer holds the checkpoint's lr, betas, eps and decay
+            resume_config.apply_optimizer_settings(self.engine, cfg)
         if env.is_main:
             save_resolved(cfg, self.run_dir / "config.yaml")
         writer = MetricsWriter(
@@ -228,6 +202,10 @@ class Trainer:
             while step < cfg.train.steps:
                 step += 1
                 self.nonfinite_batch = []
+                plan_start = time.perf_counter()
+                draws = [self._draws(step, micro) for micro in range(self.accum)]
+                plan = self._plan(step, draws)
+                stats.compute += time.perf_counter() - plan_start
                 for micro in range(self.accum):
                     wait_start = time.perf_counter()
                     batch = next(batches)
@@ -235,7 +213,8 @@ class Trainer:
                     stats.data_wait += compute_start - wait_start
                     if cfg.logging.record_keys:
                         self._record_keys(step, micro, batch.keys)
-                    self._micro_step(batch, step, micro, stats)
+                    micro_plan = None if plan is None else plan[micro]
+                    self._micro_step(batch, draws[micro], micro_plan, step, micro, stats)
                     stats.compute += time.perf_counter() - compute_start
                 if self._step_was_skipped():
                     consecutive_skips += 1
@@ -257,8 +236,7 @@ class Trainer:
                 ):
                     self._gate_image(writer, step)
                 if self.validator is not None and step % cfg.logging.val_every == 0:
-                    dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-                    record = self.validator.evaluate(self.module, self.diffusion, env.device, dtype)
+                    record = self.validator.evaluate(self.module, self.objective)
                     writer.log_validation(step, record)
                 signum = self.stop.agreed()
                 due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
@@ -306,7 +284,8 @@ class Trainer:
     def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
         """Every rank records its own batch (timesteps, sample keys) of the skipped step."""
         self.skipped_total += 1
-        record = {"step": step, "rank": self.env.rank, "micro_batches": self.nonfinite_batch}
+        micro_batches = [{**m, "t": m["t"].tolist(), "loss": float(m["loss"])} for m in self.nonfinite_batch]
+        record = {"step": step, "rank": self.env.rank, "micro_batches": micro_batches}
         with open(self.run_dir / "nonfinite.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         writer.message(
@@ -315,24 +294,17 @@ class Trainer:
         )
 
     def _save(self, step: int, writer: MetricsWriter) -> bool:
+        """Write the checkpoint of ``step``; False if it failed. An asynchronous save returns once
+        the state is copied aside; a failure of the previous one is reported here."""
         cfg = self.config
-        side = {
-            "step": step,
-            "loader": self.loader.state_dict(),
-            "rng": ckpt.rng_state(),
-            "config_hash": cfg.model_hash(),
-            "skipped_total": self.skipped_total,
-            "rank": self.env.rank,
-            "world_size": self.env.world_size,
-        }
-        meta = {
-            "step": step,
-            "world_size": self.env.world_size,
-            "ep_size": cfg.parallel.ep_size,
-            "zero_stage": cfg.parallel.zero_stage,
-            "model": vars(cfg.model),
-            "model_hash": cfg.model_hash(),
-        }
+        meta = CheckpointMeta(
+            step=step,
+            world_size=self.env.world_size,
+            ep_size=cfg.parallel.ep_size,
+            zero_stage=cfg.parallel.zero_stage,
+            precision=self.precision,
+            model=vars(cfg.model),
+        )
         hook = None
         if self.faults.active("crash_in_checkpoint", step):
 
@@ -343,10 +315,28 @@ class Trainer:
             def hook(s):
                 raise OSError(28, "No space left on device (injected)")
 
-        path = self.checkpoints.save(
-            self.engine, step, side, self.ema.state_dict(), self.placement, meta, hook
+        # the last save of the run, and one on a stop, must be complete before the process ends
+        final = step == cfg.train.steps or bool(self.stop.agreed())
+        report = self.checkpoints.save(
+            self.engine,
+            self.placement,
+            step,
+            self.ema.state_dict(),
+            self.loader.state_dict(),
+            self.skipped_total,
+            meta,
+            hook,
+            wait=final,
         )
-        return path is not None
+        if report.failed_step is not None:
+            latest = self.checkpoints.last_complete
+            if cfg.checkpoint.on_write_error == "stop":
+                raise UserError(
+                    f"checkpoint at step {report.failed_step} could not be written (see the messages above); "
+                    f"latest complete checkpoint is still step {latest}"
+                )
+            writer.message(f"checkpoint at step {report.failed_step} could not be written; retrying later")
+        return report.ok
 
     def _log(self, writer: MetricsWriter, stats: IntervalStats, step: int, elapsed: float) -> None:
         record: dict[str, Any] = stats.reduce()

@@ -19,66 +19,100 @@ NUM_BUCKETS = 10
 
 
 def timestep_bucket(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Index of the timestep's tenth of [0, T): the buckets of loss_t0 .. loss_t9."""
-    return (t.long().cpu() * NUM_BUCKETS // num_timesteps).clamp(max=NUM_BUCKETS - 1)
+    """Index of the timestep's tenth of [0, T): the buckets of loss_t0 .. loss_t9 (on t's device)."""
+    return (t.long() * NUM_BUCKETS // num_timesteps).clamp(max=NUM_BUCKETS - 1)
+
+
+SUMS = ("loss", "mse", "vlb", "prior")
 
 
 class IntervalStats:
-    """Sums over the steps since the last log line; reduced across ranks at log time."""
+    """Sums over the steps since the last log line; reduced across ranks at log time.
+
+    The sums of losses stay on the device they were computed on, so a step never waits for them:
+    they are read once per logging interval, in ``reduce``, with one all-reduce and one copy to
+    the host. Routing counts come from the step's plan and live on the host already.
+    """
 
     def __init__(self, num_timesteps: int, num_blocks: int, num_experts: int):
         self.num_timesteps = num_timesteps
         self.num_blocks, self.num_experts = num_blocks, num_experts
+        self.device = torch.device("cpu")  # follows the losses it is given
         self.reset()
 
     def reset(self) -> None:
-        self.sums = {"loss": 0.0, "mse": 0.0, "vlb": 0.0, "prior": 0.0}
+        self.sums: dict[str, torch.Tensor | float] = {
+            k: torch.zeros((), dtype=torch.float64, device=self.device) for k in SUMS
+        }
         self.samples = 0
         self.micro_steps = 0
         self.steps = 0
-        self.bucket_loss = torch.zeros(NUM_BUCKETS, dtype=torch.float64)
-        self.bucket_count = torch.zeros(NUM_BUCKETS, dtype=torch.float64)
+        self.bucket_loss = torch.zeros(NUM_BUCKETS, dtype=torch.float64, device=self.device)
+        self.bucket_count = torch.zeros(NUM_BUCKETS, dtype=torch.float64, device=self.device)
         self.route_count = torch.zeros(max(self.num_blocks, 1), max(self.num_experts, 1), dtype=torch.float64)
         self.data_wait = 0.0
         self.compute = 0.0
 
-    def add_micro(self, per_sample: dict[str, torch.Tensor], prior: float, t: torch.Tensor, routes) -> None:
-        n = per_sample["loss"].numel()
+    def _follow(self, device: torch.device) -> None:
+        if device == self.device:
+            return
+        self.device = device
+        self.sums = {
+            k: torch.as_tensor(v, dtype=torch.float64).to(device, non_blocking=True)
+            for k, v in self.sums.items()
+        }
+        self.bucket_loss = self.bucket_loss.to(device, non_blocking=True)
+        self.bucket_count = self.bucket_count.to(device, non_blocking=True)
+
+    def add_micro(
+        self,
+        per_sample: dict[str, torch.Tensor],
+        prior: torch.Tensor | float | None,
+        t: torch.Tensor,
+        route_counts: torch.Tensor | None = None,
+    ) -> None:
+        """``per_sample``: the objective's [B] terms; ``prior``: the micro-batch's prior loss; ``t``: its
+        timesteps, on the losses' device; ``route_counts``: [blocks, experts] samples per expert (host)."""
+        loss = per_sample["loss"].detach()
+        self._follow(loss.device)
+        n = loss.numel()
         for key in ("loss", "mse", "vlb"):
-            self.sums[key] += float(per_sample[key].detach().double().sum())
-        self.sums["prior"] += prior * n
+            if key in per_sample:
+                self.sums[key] = self.sums[key] + per_sample[key].detach().double().sum()
+        if prior is not None:
+            self.sums["prior"] = self.sums["prior"] + torch.as_tensor(prior).detach().double() * n
         self.samples += n
         self.micro_steps += 1
-        bucket = timestep_bucket(t, self.num_timesteps)
-        self.bucket_loss.index_add_(0, bucket, per_sample["loss"].detach().double().cpu())
-        self.bucket_count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
-        if routes is not None:  # [B, N, k] expert indices
-            one_hot = torch.zeros(routes.shape[0], self.num_blocks, self.num_experts, dtype=torch.float64)
-            one_hot.scatter_(2, routes.cpu().long(), 1.0)
-            self.route_count += one_hot.sum(0)
+        bucket = timestep_bucket(t, self.num_timesteps).to(self.device, non_blocking=True)
+        self.bucket_loss.index_add_(0, bucket, loss.double())
+        self.bucket_count.index_add_(0, bucket, torch.ones_like(loss, dtype=torch.float64))
+        if route_counts is not None:
+            self.route_count += route_counts.to(torch.float64)
 
     def reduce(self) -> dict[str, Any]:
-        scalars = torch.tensor(
-            [self.sums["loss"], self.sums["mse"], self.sums["vlb"], self.sums["prior"], float(self.samples)],
-            dtype=torch.float64,
+        """Means over every rank's samples since the last reset: one all-reduce, one read of the device."""
+        scalars = torch.stack(
+            [torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in SUMS]
+            + [torch.tensor(float(self.samples), dtype=torch.float64, device=self.device)]
         )
-        tensors = [scalars, self.bucket_loss.clone(), self.bucket_count.clone(), self.route_count.clone()]
-        comm.all_reduce_sum(tensors)
-        scalars, bucket_loss, bucket_count, route_count = tensors
-        total = max(scalars[4].item(), 1.0)
-        out = {
-            "loss": scalars[0].item() / total,
-            "mse": scalars[1].item() / total,
-            "vlb": scalars[2].item() / total,
-            "prior": scalars[3].item() / total,
-        }
+        parts = [scalars, self.bucket_loss, self.bucket_count, self.route_count.to(self.device)]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        comm.all_reduce_sum([flat])
+        values = flat.tolist()
+        scalars, values = values[: len(SUMS) + 1], values[len(SUMS) + 1 :]
+        bucket_loss, bucket_count = values[:NUM_BUCKETS], values[NUM_BUCKETS : 2 * NUM_BUCKETS]
+        route_count = torch.tensor(values[2 * NUM_BUCKETS :], dtype=torch.float64).view(
+            self.route_count.shape
+        )
+        total = max(scalars[len(SUMS)], 1.0)
+        out: dict[str, Any] = {k: scalars[i] / total for i, k in enumerate(SUMS)}
         for i in range(NUM_BUCKETS):
-            c = bucket_count[i].item()
-            out[f"loss_t{i}"] = bucket_loss[i].item() / c if c else math.nan
+            c = bucket_count[i]
+            out[f"loss_t{i}"] = bucket_loss[i] / c if c else math.nan
         if self.num_experts > 1:
             # fraction of samples routed to each expert, per block (sums to top_k over experts)
             out["route_frac"] = (route_count / total).tolist()
-        out["samples"] = int(scalars[4].item())
+        out["samples"] = int(scalars[len(SUMS)])
         return out
 
 
@@ -122,7 +156,12 @@ def gate_image(gate_probs: torch.Tensor):
 
 
 class MetricsWriter:
-    """Rank 0's sinks. Other ranks get a no-op instance."""
+    """Rank 0's sinks. Other ranks get a no-op instance.
+
+    One record per step: a run resumed from step S logs steps S+1... again, so at the start the
+    records of later steps (written before a crash) are dropped from ``metrics.jsonl`` and
+    ``validation.jsonl``, and TensorBoard is told to purge its events from step S+1 on.
+    """
 
     def __init__(
         self,
@@ -140,17 +179,48 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
+        for name in ("metrics.jsonl", "validation.jsonl"):
+            self._drop_after(self.run_dir / name, start_step)
         self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # Readers hide the events of steps >= purge_step written before this point.
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
                 total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
             )
+
+    @staticmethod
+    def _drop_after(path: Path, step: int) -> None:
+        """Rewrite a JSON-lines file without its records of steps after ``step`` (and without a last
+        line cut short by a crash), atomically; untouched when there is nothing to drop."""
+        import os
+
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if not dropped:
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:

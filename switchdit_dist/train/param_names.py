@@ -2,7 +2,7 @@
 
 On a rank, DeepSpeed's expert container names its experts by local index
 (``blocks.3.moe.deepspeed_moe.experts.deepspeed_experts.1.weight``). Files this project writes
-(EMA shards, exports) use the single-device model's names with global expert ids
+(checkpoints, exports) use the single-device model's names with global expert ids
 (``blocks.3.moe.experts.5.weight``), so they can be merged or resharded without knowing the
 topology that wrote them.
 """
@@ -10,6 +10,17 @@ topology that wrote them.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+
+@dataclass
+class ExpertPlacement:
+    """Where this rank's experts sit: its expert-parallel rank and how many experts it holds."""
+
+    ep_rank: int = 0
+    num_local_experts: int = 1
+    is_expert_writer: bool = True  # first rank of its expert-data-parallel group
+
 
 _LOCAL = re.compile(r"\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
 _GLOBAL = re.compile(r"\.moe\.experts\.(\d+)\.")

@@ -3,7 +3,9 @@
 Input: every ``*.npy`` below ``--src`` (sorted by path), each one latent ``[C, H, W]`` or a batch
 ``[N, C, H, W]`` (float16 or float32, all the same shape). Labels, one per latent, from:
 
-* class subfolders (default): ``SRC/<class name>/...npy``; classes are the sorted folder names;
+* class subfolders (default): ``SRC/<class name>/...npy``; classes are the sorted folder names
+  (``--num-classes`` must then equal their number: with a folder missing, positions would not be
+  class ids);
 * ``--labels DIR``: a ``.npy`` file at the same relative path in DIR holding the label(s)
   (a scalar or ``[N]`` integers; the layout fast-DiT's feature extraction writes);
 * ``--labels FILE.json``: ``{"relative/path.npy": label or [labels], ...}``.
@@ -83,6 +85,15 @@ def write_npy_folder(opts: NpyOptions, log=print) -> ShardSetResult:
             )
         class_names = sorted({f.parts[0] for f in files})
         class_index = {name: i for i, name in enumerate(class_names)}
+        if opts.num_classes and opts.num_classes != len(class_names):
+            # Labels are positions among the folders present: with a class missing they would not
+            # be the class ids meant (and would differ between two sets with different gaps).
+            raise UserError(
+                f"--num-classes {opts.num_classes}: {opts.src} has {len(class_names)} class folders, "
+                f"labelled 0..{len(class_names) - 1} in sorted order; leave out --num-classes to use "
+                "them as the classes, or give each file's class id with --labels (a JSON file or a "
+                "folder of label files)"
+            )
     elif opts.labels.endswith(".json"):
         try:
             table = json.loads(Path(opts.labels).read_text())
