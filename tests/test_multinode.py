@@ -174,7 +174,9 @@ def test_early_warning_on_two_hosts_requeues_and_resumes_identically(cluster, di
     assert 1 <= resumed < STEPS
     warned = run_dir / "checkpoints" / f"step_{resumed:08d}"
     assert (warned / "COMPLETE").exists()
-    assert sorted(p.name for p in warned.glob("side_rank_*.pt")) == ["side_rank_0.pt", "side_rank_1.pt"]
+    # Each rank writes its own DCP file, rank 1 from node2.
+    assert sorted(p.name for p in warned.glob("__*_*.distcp"))[:1] == ["__0_0.distcp"]
+    assert any(p.name.startswith("__1_") for p in warned.glob("*.distcp")), sorted(warned.iterdir())
     assert "ranks on hosts (rank:host): 0:node1 1:node2" in rank_log(paths, 1, 0).read_text()
     rows = read_jsonl(paths["metrics"])
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
