@@ -24,3 +24,16 @@ def deepspeed_ops_built() -> None:
     }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The digits shards (`switchdit prepare digits`), shared by the Slurm tests."""
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run(
+        [sys.executable, "-m", "switchdit_dist.cli", "prepare", "digits", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out / "manifest.json"

@@ -32,15 +32,10 @@ PRELOAD = (
 
 
 def _entry(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-    )
+    from switchdit_dist.train.distributed import export_local_rank
+
+    export_local_rank(rank, world_size, port)
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     import torch
     import torch.distributed as dist
 

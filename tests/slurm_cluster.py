@@ -8,6 +8,7 @@ the test process and are stopped by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -84,6 +85,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+# Bounds, not delays: a passing job takes well under a minute; a loaded machine may take minutes.
+JOB_TIMEOUT = 600
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def batch_log(paths: dict[str, str]) -> str:
+    """The batch log named in `switchdit submit`'s output."""
+    log = Path(paths["batch log"])
+    return log.read_text() if log.exists() else "(no batch log)"
+
+
+def rank_log(paths: dict[str, str], attempt: int, rank: int) -> Path:
+    return Path(paths["rank logs"].replace("<attempt>", str(attempt)).replace("<rank>", str(rank)))
+
+
 @dataclass
 class LocalSlurm:
     """A running single-node cluster. ``env`` is what a client process needs to reach it."""
@@ -126,6 +146,26 @@ class LocalSlurm:
             wait_until(reached, timeout, f"job {job_id} to reach {sorted(states)}", interval=0.5)
         except TimeoutError as err:
             raise TimeoutError(f"{err}; states seen: {seen}\n{self.describe(job_id)}") from None
+        return seen[-1]
+
+    def wait_finished(self, job_id: str, timeout: float = JOB_TIMEOUT) -> str:
+        """Wait for the job to end; returns its final state.
+
+        A requeued attempt is not started by hand: Slurm holds it until its begin time (requeue
+        time plus the credential lifetime, ``cred_expire``), and a start forced earlier is killed
+        by slurmctld as "non-startable: Job credential revoked". With the test clusters' short
+        ``cred_expire`` the wait is a few seconds.
+        """
+        seen: list[str] = []
+
+        def done() -> bool:
+            seen.append(self.job_state(job_id))
+            return seen[-1] in FINAL_STATES
+
+        try:
+            wait_until(done, timeout, f"job {job_id} to end", interval=0.5)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}; states seen {sorted(set(seen))}\n{self.describe(job_id)}") from None
         return seen[-1]
 
     def describe(self, job_id: str) -> str:

@@ -18,16 +18,21 @@ from pathlib import Path
 
 import pytest
 from multinode_cluster import MultiNodeSlurm, start_multinode_cluster
-from slurm_cluster import SlurmUnavailable, wait_until
+from slurm_cluster import (
+    FINAL_STATES,
+    JOB_TIMEOUT,
+    SlurmUnavailable,
+    batch_log,
+    rank_log,
+    read_jsonl,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"  # the demo model with a small batch
 STEPS = 12
-# Bounds, not delays: a passing job takes well under a minute; a loaded machine may take minutes.
-JOB_TIMEOUT = 600
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 # Small enough that a silent peer is noticed in seconds here; real clusters keep the default.
 TIMEOUT_S = 15
 
@@ -40,21 +45,6 @@ def cluster(tmp_path_factory, deepspeed_ops_built) -> MultiNodeSlurm:
         pytest.skip(f"no two-host Slurm cluster: {err}")
     yield c
     c.stop()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "-m", "switchdit_dist.cli", "prepare", "digits", "--out", str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out / "manifest.json"
-
-
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def submit(cluster, run_dir: Path, digits: Path, *options: str, overrides=()) -> tuple[str, dict, str]:
@@ -73,30 +63,6 @@ def submit(cluster, run_dir: Path, digits: Path, *options: str, overrides=()) ->
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"^submitted job (\d+)", out.stdout, re.M)[1]
     return job_id, dict(re.findall(r"^\s+([a-z ]+):\s+(\S+)$", out.stdout, re.M)), out.stderr
-
-
-def wait_finished(cluster, job_id: str, timeout: float = JOB_TIMEOUT) -> str:
-    """Wait for the job to end (a requeued attempt starts by itself once Slurm's begin time passed)."""
-    seen: list[str] = []
-
-    def done() -> bool:
-        seen.append(cluster.job_state(job_id))
-        return seen[-1] in FINAL_STATES
-
-    try:
-        wait_until(done, timeout, f"job {job_id} to end", interval=0.5)
-    except TimeoutError as err:
-        raise AssertionError(f"{err}; states seen {sorted(set(seen))}\n{cluster.describe(job_id)}") from None
-    return seen[-1]
-
-
-def batch_log(paths: dict) -> str:
-    log = Path(paths["batch log"])
-    return log.read_text() if log.exists() else "(no batch log)"
-
-
-def rank_log(paths: dict, attempt: int, rank: int) -> Path:
-    return Path(paths["rank logs"].replace("<attempt>", str(attempt)).replace("<rank>", str(rank)))
 
 
 def wait_stepping(cluster, job_id: str, paths: dict, steps: int) -> None:
@@ -136,7 +102,7 @@ def one_host_run(digits, tmp_path_factory) -> dict[int, float]:
 def two_host_run(cluster, digits, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two-hosts") / "run"
     job_id, paths, stderr = submit(cluster, run_dir, digits)
-    return job_id, paths, stderr, wait_finished(cluster, job_id)
+    return job_id, paths, stderr, cluster.wait_finished(job_id)
 
 
 def test_two_hosts_with_experts_across_them_train_as_one_host_does(two_host_run, one_host_run):
@@ -161,7 +127,7 @@ def test_early_warning_on_two_hosts_requeues_and_resumes_identically(cluster, di
     job_id, paths, _ = submit(cluster, run_dir, digits, overrides=("checkpoint.keep=100",))
     wait_stepping(cluster, job_id, paths, 2)
     cluster.run("scancel", "--signal=USR2", "--batch", job_id)
-    state = wait_finished(cluster, job_id)
+    state = cluster.wait_finished(job_id)
     assert state == "COMPLETED", batch_log(paths)
     assert cluster.job(job_id)["Restarts"] == "1"
     attempts = read_jsonl(paths["attempts"])
@@ -209,7 +175,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends(cluster, digits, tmp_path):
     pid = train_pid(cluster, cluster.hosts[1])
     os.kill(pid, signal.SIGSTOP)  # alive but silent, as a rank stuck in the kernel or a frozen VM
     stopped_at = time.monotonic()
-    state = wait_finished(cluster, job_id, timeout=TIMEOUT_S + 90)
+    state = cluster.wait_finished(job_id, timeout=TIMEOUT_S + 90)
     elapsed = time.monotonic() - stopped_at
     log = batch_log(paths)
     assert state == "FAILED", log
@@ -246,7 +212,7 @@ def test_a_host_that_dies_ends_the_job_and_the_run_resumes_on_one_host(cluster, 
     elapsed = time.monotonic() - killed_at
     # The batch script ends within seconds; Slurm keeps the job COMPLETING until it has declared
     # the dead host DOWN (SlurmdTimeout), then it ends too, long before the 10-minute limit.
-    state = wait_finished(cluster, job_id, timeout=180)
+    state = cluster.wait_finished(job_id, timeout=180)
     log = batch_log(paths)
     assert state == "FAILED", log
     assert elapsed < 45, f"the batch script took {elapsed:.0f} s to end after the host died"
@@ -269,7 +235,7 @@ def test_a_host_that_dies_ends_the_job_and_the_run_resumes_on_one_host(cluster, 
         "1",
         overrides=(f"train.steps={kept + 3}", "parallel.ep_size=1", "train.global_batch=8"),
     )
-    state = wait_finished(cluster, job2)
+    state = cluster.wait_finished(job2)
     assert state == "COMPLETED", batch_log(paths2)
     first = rank_log(paths2, 0, 0).read_text()
     assert f"resumed from step {kept}" in first

@@ -14,7 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurm, SlurmUnavailable, start_cluster, wait_until
+from slurm_cluster import (
+    FINAL_STATES,
+    JOB_TIMEOUT,
+    LocalSlurm,
+    SlurmUnavailable,
+    batch_log,
+    rank_log,
+    read_jsonl,
+    start_cluster,
+    wait_until,
+)
 
 from switchdit_dist import cli
 from switchdit_dist.launch.slurm import log_paths as slurm_log_paths
@@ -24,8 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 16  # long enough that the early warning lands mid-run even on a busy machine
-# Bounds, not delays: a passing job takes well under a minute; a loaded machine may take minutes.
-JOB_TIMEOUT = 600
 
 
 @pytest.fixture(scope="session")
@@ -36,18 +44,6 @@ def slurm(tmp_path_factory, deepspeed_ops_built) -> LocalSlurm:
         pytest.skip(f"no local Slurm: {err}")
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(
-        [sys.executable, "-m", "switchdit_dist.cli", "prepare", "digits", "--out", str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out / "manifest.json"
 
 
 def job_env(slurm: LocalSlurm, **extra: str) -> dict[str, str]:
@@ -96,46 +92,12 @@ def submit(slurm: LocalSlurm, run_dir: Path, digits: Path, *extra: str, env: dic
     return job_id, paths
 
 
-def read_jsonl(path: Path | str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
-
-
-def wait_finished(slurm: LocalSlurm, job_id: str) -> str:
-    """Wait for the job to end.
-
-    A requeued attempt is not started by hand: Slurm holds it until its begin time (requeue time
-    plus the credential lifetime, ``cred_expire``), and a start forced earlier is killed by
-    slurmctld as "non-startable: Job credential revoked". With the test cluster's short
-    ``cred_expire`` the wait is a few seconds.
-    """
-    seen: list[str] = []
-
-    def done() -> bool:
-        state = slurm.job_state(job_id)
-        seen.append(state)
-        return state in FINAL_STATES
-
-    try:
-        wait_until(done, JOB_TIMEOUT, f"job {job_id} to end", interval=0.5)
-    except TimeoutError as err:
-        raise AssertionError(f"{err}; states seen {sorted(set(seen))}\n{slurm.describe(job_id)}") from None
-    return seen[-1]
-
-
-def batch_log(paths: dict[str, str]) -> str:
-    log = Path(paths["batch log"])
-    return log.read_text() if log.exists() else "(no batch log)"
-
-
 @pytest.fixture(scope="session")
 def reference_run(slurm, digits, tmp_path_factory):
     """An uninterrupted two-rank job of the tiny config: the baseline other tests compare with."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
     job_id, paths = submit(slurm, run_dir, digits)
-    state = wait_finished(slurm, job_id)
+    state = slurm.wait_finished(job_id)
     return job_id, paths, state
 
 
@@ -216,7 +178,7 @@ def test_job_runs_to_completion_where_the_output_said(reference_run):
     assert [(a["job_id"], a["restart_count"], a["outcome"], a["action"]) for a in attempts] == [
         (job_id, 0, "finished", "done")
     ]
-    rank_logs = Path(paths["rank logs"].replace("<attempt>", "0").replace("<rank>", "0")).parent
+    rank_logs = rank_log(paths, 0, 0).parent
     assert sorted(p.name for p in rank_logs.glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]
     assert f"training finished at step {STEPS}" in (rank_logs / "rank-0.log").read_text()
     assert "switchdit: training finished (attempt 0)" in batch_log(paths)
@@ -238,7 +200,7 @@ def test_early_warning_checkpoints_requeues_and_resumes_identically(slurm, digit
     wait_until(stepping, JOB_TIMEOUT, "the first training steps", interval=0.2)
     slurm.run("scancel", "--signal=USR2", "--batch", job_id)
 
-    state = wait_finished(slurm, job_id)
+    state = slurm.wait_finished(job_id)
     assert state == "COMPLETED", batch_log(paths)
     assert slurm.job(job_id)["Restarts"] == "1"
 
@@ -252,7 +214,7 @@ def test_early_warning_checkpoints_requeues_and_resumes_identically(slurm, digit
     assert "requeueing the job" in log
 
     # The second attempt resumed from the checkpoint the warning produced, mid-run.
-    second = Path(paths["rank logs"].replace("<attempt>", "1").replace("<rank>", "0")).read_text()
+    second = rank_log(paths, 1, 0).read_text()
     resumed = int(re.search(r"resumed from step (\d+)", second)[1])
     assert 1 <= resumed < STEPS
 
@@ -309,7 +271,7 @@ def test_first_failing_rank_is_named_and_its_peers_are_stopped(slurm, digits, ca
     # Rank 1 fails; rank 0 would wait forever, as a rank stuck in a collective does.
     command = 'if [ "$RANK" = 1 ]; then echo "rank 1: simulated failure" >&2; sleep 1; exit 7; fi; sleep 600'
     job_id, paths = submit_with_stand_in(slurm, digits, capsys, run_dir, command)
-    state = wait_finished(slurm, job_id)
+    state = slurm.wait_finished(job_id)
     log = batch_log(paths)
     assert state == "FAILED", log
     assert slurm.job(job_id)["Restarts"] == "0"
@@ -328,7 +290,7 @@ def test_requeues_stop_at_the_configured_maximum(slurm, digits, capsys, tmp_path
     job_id, paths = submit_with_stand_in(
         slurm, digits, capsys, run_dir, "sleep 1; exit 3", "--max-requeues", "1"
     )
-    state = wait_finished(slurm, job_id)
+    state = slurm.wait_finished(job_id)
     log = batch_log(paths)
     assert state == "FAILED", log  # exit code 3: checkpointed but not finished
     assert slurm.job(job_id)["Restarts"] == "1"

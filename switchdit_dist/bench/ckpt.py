@@ -98,19 +98,13 @@ def _config_overrides(model: str, mode: str, cfg: CkptBenchConfig, data: Path) -
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-    )
+    from switchdit_dist.train import distributed
+
+    distributed.export_local_rank(rank, world, port)
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     import torch
 
     from switchdit_dist.config import load_config, validate
-    from switchdit_dist.train import distributed
     from switchdit_dist.train.loop import Trainer
 
     torch.set_num_threads(1)

@@ -182,13 +182,9 @@ def measure_in_this_process(config: MoEBenchConfig) -> list[Row]:
 
 
 def _ep_worker(rank: int, world: int, port: int, config: MoEBenchConfig, results) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    from switchdit_dist.train.distributed import export_local_rank
+
+    export_local_rank(rank, world, port)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     try:

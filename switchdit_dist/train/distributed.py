@@ -89,6 +89,18 @@ def teardown() -> None:
             dist.destroy_process_group()
 
 
+def export_local_rank(rank: int, world_size: int, port: int) -> None:
+    """The launcher variables of rank ``rank`` of a job on this machine (for processes this
+    project spawns itself: benchmarks, tests)."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
 def free_port() -> int:
     import socket
 
