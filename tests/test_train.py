@@ -364,7 +364,7 @@ def test_failed_checkpoint_write_keeps_previous_and_stops(tmp_path, digits):
     proc = launch(run, digits, fault="checkpoint_write_error@6")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "checkpoint write to" in text and "No space left on device" in text
+    assert "checkpoint write failed:" in text and "No space left on device" in text
     assert "latest complete checkpoint is still step 3" in text
     assert latest(run) == "step_00000003"
     assert not (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -114,6 +115,11 @@ class _RangeLoadPlanner(DefaultLoadPlanner):
         if index.fqn in self.ranges:
             return self.state_dict[index.fqn]
         return super().lookup_tensor(index)
+
+
+# What a DCP save or load raises: its CheckpointException (any rank's failure, on every rank) is a
+# BaseException, not an Exception, so ``except Exception`` alone lets it through.
+ERRORS: tuple[type[BaseException], ...] = (Exception, CheckpointException)
 
 
 class _Writer(dcp.FileSystemWriter):

@@ -12,8 +12,12 @@ Writing, on every rank (collective over a CPU process group of all ranks):
    prunes old checkpoints.
 
 A crash anywhere before step 3's ``COMPLETE`` leaves a directory without it, which is never
-resumed from; ``latest`` keeps naming the previous complete checkpoint. A failed write (disk full)
-is reported by every rank and leaves ``latest`` and the older checkpoints untouched.
+resumed from; ``latest`` keeps naming the previous complete checkpoint. A failed write (a full
+disk raises ``OSError``, DCP's ``CheckpointException`` or a ``RuntimeError`` from torch's writer,
+depending on where the space runs out) is one outcome on every rank: its message names the
+directory, each failing rank's cause, the bytes the checkpoint needs and the bytes free there;
+rank 0 removes the partial directory (the run's lock means no other job writes in it), and
+``latest`` and the older checkpoints stay untouched.
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ def read_entries(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
             return dcp_io.read(path, keys)
     except UserError:
         raise
-    except Exception as err:  # DCP's CheckpointException, a truncated data file
+    except dcp_io.ERRORS as err:  # DCP's CheckpointException, a truncated data file
         raise UserError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {err})") from None
 
 
@@ -173,7 +177,7 @@ class SaveOutcome:
     step: int
     path: Path
     ok: bool
-    error: str = ""  # this rank's error, if it had one
+    error: str = ""  # why it failed: the same one-paragraph message on every rank
     written_s: float = 0.0  # from the start of the save to COMPLETE (or the failure)
 
 
@@ -199,18 +203,17 @@ class CheckpointWriter:
         start = time.perf_counter()
         path = self.dir / tag_for(request.step)
         error = self._prepare(path)
-        if comm.any_rank(error is not None, self.group):
-            return self._record(
-                SaveOutcome(request.step, path, False, error or "", time.perf_counter() - start)
-            )
+        errors = comm.all_gather_objects(error, self.group)
+        if any(e is not None for e in errors):
+            return self._failed(request, path, start, errors)
         if not self.asynchronous:
             return self._finish(request, path, start, self._write(request, path))
         from switchdit_dist.checkpoint import dcp_io
 
         try:
             upload = dcp_io.async_save(request.state, request.ranges, path, self.group)
-        except Exception as err:  # the staging copy failed (out of memory): nothing was started
-            return self._record(SaveOutcome(request.step, path, False, f"{type(err).__name__}: {err}"))
+        except dcp_io.ERRORS as err:  # the staging copy failed (out of memory): nothing was started
+            return self._record(SaveOutcome(request.step, path, False, f"{path}: {describe_error(err)}"))
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finish")
         self.pending = self._executor.submit(self._finish_after, request, path, start, upload)
@@ -248,16 +251,18 @@ class CheckpointWriter:
 
         try:
             dcp_io.save(request.state, request.ranges, path, self.group)
-        except Exception as err:  # CheckpointException (raised on every rank) or OSError
-            return _describe(err)
+        except dcp_io.ERRORS as err:  # CheckpointException (raised on every rank) or OSError
+            return describe_error(err)
         return None
 
     def _finish_after(self, request: SaveRequest, path: Path, start: float, upload: Future) -> SaveOutcome:
+        from switchdit_dist.checkpoint import dcp_io
+
         try:
             upload.result()
             error = None
-        except Exception as err:
-            error = _describe(err)
+        except dcp_io.ERRORS as err:
+            error = describe_error(err)
         return self._finish(request, path, start, error)
 
     def _finish(self, request: SaveRequest, path: Path, start: float, error: str | None) -> SaveOutcome:
@@ -271,18 +276,41 @@ class CheckpointWriter:
                 names = [".metadata", *dcp_io.data_files(path)]
                 for name in manifest.share(names, self.rank, self.world_size):
                     files[name] = manifest.describe(path / name)
-            except (OSError, UserError) as err:
-                error = str(err)
+            except Exception as err:  # a file gone or unreadable; a test's injected fault
+                error = str(err) if isinstance(err, UserError) else describe_error(err)
         parts = comm.all_gather_objects((files, error), self.group)
-        failed = any(e is not None for _, e in parts)
-        if not failed and self.rank == 0:
+        errors = [e for _, e in parts]
+        if all(e is None for e in errors) and self.rank == 0:
             try:
                 self._complete(request, path, {k: v for part, _ in parts for k, v in part.items()})
-            except OSError as err:
-                error = str(err)
-        failed = comm.any_rank(failed or error is not None, self.group)
-        outcome = SaveOutcome(request.step, path, not failed, error or "", time.perf_counter() - start)
-        return self._record(outcome)
+            except Exception as err:  # OSError, or a RuntimeError from a full disk under json/fsync
+                error = describe_error(err)
+        if any(e is not None for e in errors):  # every rank knows already: no further collective
+            return self._failed(request, path, start, errors)
+        final = comm.all_gather_objects(error, self.group)  # rank 0's verdict on the last files
+        if any(e is not None for e in final):
+            return self._failed(request, path, start, final)
+        return self._record(SaveOutcome(request.step, path, True, "", time.perf_counter() - start))
+
+    def _failed(
+        self, request: SaveRequest, path: Path, start: float, errors: list[str | None]
+    ) -> SaveOutcome:
+        """The outcome of a failed save, the same on every rank (all ranks know every error).
+        Rank 0 removes the partial directory: ``latest`` never named it, and a retry or a later
+        save should find the space it took."""
+        needed = comm.all_gather_objects(_nbytes(request.state), self.group)
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        comm.barrier(self.group)  # the space is free (and measured) after the removal
+        causes = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        # An upper bound: DCP writes an entry that several ranks hold (replicated weights) only once.
+        message = f"{path}: {causes}. The checkpoint needs up to {_mib(sum(needed))}"
+        try:
+            message += f"; {_mib(shutil.disk_usage(self.dir).free)} is free on {self.dir}'s filesystem"
+        except OSError:
+            pass
+        message += "; the partial directory was removed"
+        return self._record(SaveOutcome(request.step, path, False, message, time.perf_counter() - start))
 
     def _complete(self, request: SaveRequest, path: Path, files: dict[str, manifest.FileEntry]) -> None:
         atomic_write_text(path / META, request.meta.to_json())
@@ -306,7 +334,21 @@ class CheckpointWriter:
         return outcome
 
 
-def _describe(err: Exception) -> str:
-    text = str(err).strip() or type(err).__name__
-    # DCP wraps every rank's exception; its text lists them, the first line says which ranks
+def describe_error(err: BaseException) -> str:
+    """One line for a failed write. DCP wraps each rank's exception with its traceback in a
+    ``CheckpointException``; the first wrapped one (this rank's, or the lowest rank's) is the cause."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = failures.get(next(iter(sorted(failures))))
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            return describe_error(wrapped[0])
+    text = (str(err).strip().splitlines() or [""])[0][:300] or type(err).__name__
     return text if isinstance(err, OSError) else f"{type(err).__name__}: {text}"
+
+
+def _nbytes(state: dict[str, object]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

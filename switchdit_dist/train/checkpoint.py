@@ -149,11 +149,16 @@ class CheckpointManager:
         if outcome.ok:
             self.last_complete = outcome.step
             return None
-        if outcome.error:
-            print(
-                f"[rank {self.rank}] checkpoint write to {outcome.path} failed: {outcome.error}", flush=True
-            )
+        if outcome.error and self.rank == 0:  # the same message on every rank: print it once
+            print(f"checkpoint write failed: {outcome.error}", flush=True)
         return outcome
+
+    def latest_text(self) -> str:
+        """Where a resume would start, for a message after a failed save."""
+        if self.last_complete is None:
+            return "there is no complete checkpoint yet"
+        step = self.last_complete
+        return f"the latest complete checkpoint is still step {step} ({self.dir / tag_for(step)})"
 
     # --- resuming -------------------------------------------------------------------------
 
@@ -215,8 +220,10 @@ class CheckpointManager:
         targets = engine_state.load_targets(engine, placement, index, side_rank, where)
         try:
             dcp_io.load(targets.state, targets.ranges, path, self.writer.group)
-        except Exception as err:  # a data file DCP cannot read: every rank raises (collective)
-            raise Damaged(path, [Damage("(data files)", f"unreadable: {_first_line(err)}")]) from None
+        except dcp_io.ERRORS as err:  # a data file DCP cannot read: every rank raises (collective)
+            raise Damaged(
+                path, [Damage("(data files)", f"unreadable: {store.describe_error(err)}")]
+            ) from None
         trainer = engine_state.install(engine, placement, targets.state, where)
         if trainer.step != meta.step:
             raise UserError(f"{where}: trainer state is from step {trainer.step}, meta.json says {meta.step}")
@@ -265,8 +272,3 @@ class CheckpointManager:
         if fallback and attempt_dir and Path(attempt_dir).is_dir():
             record = {"resumed_from": resumed.path.name, "damaged": [e["damaged"] for e in fallback]}
             atomic_write_text(Path(attempt_dir) / FALLBACK_RECORD, json.dumps(record) + "\n")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines() or [type(err).__name__])[0][:300]

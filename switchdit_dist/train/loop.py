@@ -195,7 +195,6 @@ class Trainer:
         batches = iter(self.loader)
         self.stop.install()
         exit_code = 0
-        last_saved = step
         consecutive_skips = 0
         interval_start = time.perf_counter()
         try:
@@ -219,7 +218,7 @@ class Trainer:
                 if self._step_was_skipped():
                     consecutive_skips += 1
                     self._report_nonfinite(step, writer)
-                    self._check_nonfinite_limit(consecutive_skips, step, last_saved)
+                    self._check_nonfinite_limit(consecutive_skips, step)
                 else:
                     consecutive_skips = 0
                     self.ema.update(self.module)
@@ -240,13 +239,13 @@ class Trainer:
                     writer.log_validation(step, record)
                 signum = self.stop.agreed()
                 due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-                if due or signum or step == cfg.train.steps:
-                    if self._save(step, writer):
-                        last_saved = step
-                    elif cfg.checkpoint.on_write_error == "stop":
+                final = bool(signum) or step == cfg.train.steps
+                if (due or final) and not self._save(step, writer):
+                    # retry waits for the next interval; the last save of a run has none
+                    if cfg.checkpoint.on_write_error == "stop" or final:
                         raise UserError(
-                            f"checkpoint at step {step} could not be written (see the messages above); "
-                            f"latest complete checkpoint is still step {last_saved}"
+                            f"checkpoint at step {step} could not be written (see the message above); "
+                            f"{self.checkpoints.latest_text()}"
                         )
                 if signum:
                     exit_code = EXIT_CODES[signum]
@@ -271,14 +270,13 @@ class Trainer:
         # the optimizer guard covers the others. Both decisions are the same on every rank.
         return self.guard.last_step_skipped or not self.engine.was_step_applied()
 
-    def _check_nonfinite_limit(self, consecutive: int, step: int, last_saved: int) -> None:
+    def _check_nonfinite_limit(self, consecutive: int, step: int) -> None:
         limit = self.config.train.max_consecutive_nonfinite
         if consecutive > limit:
-            good = self.checkpoints.dir / ckpt.tag_for(last_saved)
             raise UserError(
                 f"{consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradient "
-                f"(limit train.max_consecutive_nonfinite={limit}); stopping. The last good checkpoint is "
-                f"step {last_saved} ({good}); see {self.run_dir}/nonfinite.jsonl"
+                f"(limit train.max_consecutive_nonfinite={limit}); stopping: "
+                f"{self.checkpoints.latest_text()}; see {self.run_dir}/nonfinite.jsonl"
             )
 
     def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
@@ -329,11 +327,10 @@ class Trainer:
             wait=final,
         )
         if report.failed_step is not None:
-            latest = self.checkpoints.last_complete
             if cfg.checkpoint.on_write_error == "stop":
                 raise UserError(
-                    f"checkpoint at step {report.failed_step} could not be written (see the messages above); "
-                    f"latest complete checkpoint is still step {latest}"
+                    f"checkpoint at step {report.failed_step} could not be written (see the message above); "
+                    f"{self.checkpoints.latest_text()}"
                 )
             writer.message(f"checkpoint at step {report.failed_step} could not be written; retrying later")
         return report.ok
