@@ -163,6 +163,7 @@ def test_backend_spec_names_a_backend_per_device():
 
 def _exercise(rank: int) -> dict:
     """Every helper, with per-rank inputs; also the trainer's users of them."""
+    from switchdit_dist.train.finite_guard import make_guarded
     from switchdit_dist.train.metrics import IntervalStats
     from switchdit_dist.train.signals import StopRequest
 
@@ -178,7 +179,17 @@ def _exercise(rank: int) -> dict:
     stop.signum = (signal.SIGUSR2, signal.SIGTERM)[rank % 2]
     stats = IntervalStats(num_timesteps=10, num_blocks=1, num_experts=1)
     stats.sums["loss"], stats.samples = float(rank + 1), 1
+    # The optimizer guard: rank 1's gradient is NaN; the stop request rides on its all-reduce.
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.tensor([1.0, float("nan") if rank == 1 else 1.0])
+    guard = make_guarded(torch.optim.SGD)([param], lr=0.5)
+    guard.piggyback = stop.order
+    guard.step()
     return {
+        "skipped": guard.last_step_skipped,
+        "param": param.detach().tolist(),
+        "stop_via_guard": int(stop.agreed(guard.take_piggyback())),
+        "nothing_pending": guard.take_piggyback() is None,
         "any_one": comm.any_rank(rank == 1),
         "any_none": comm.any_rank(False),
         "max": comm.max_int(10 * rank + 3),
@@ -213,6 +224,8 @@ def test_two_ranks_agree_on_flags_maxima_and_sums():
         assert values["peak"] == [1.0, 0.0]
         assert values["stop"] == int(signal.SIGTERM)  # TERM wins over the early warning
         assert values["loss"] == 1.5  # (1 + 2) / 2 samples
+        assert values["skipped"] is True and values["param"] == [1.0, 1.0]  # one verdict: skip
+        assert values["stop_via_guard"] == int(signal.SIGTERM) and values["nothing_pending"]
 
 
 @pytest.mark.slow
@@ -220,8 +233,11 @@ def test_one_rank_with_a_group_still_issues_every_collective():
     [(values, counts)] = run_distributed(_profiled_worker, 1)
     assert values["any_one"] is False and values["max"] == 3 and values["stop"] == int(signal.SIGUSR2)
     assert values["sums"] == [[[0.5] * 3] * 2, [1.0, 0.0]] and values["loss"] == 1.0
-    # sum, max, any_rank twice, max_int, the stop request and the interval metrics: 7 all-reduces.
-    assert counts == {"gloo:all_reduce": 7, "gloo:barrier": 1}
+    assert values["skipped"] is False and values["param"] == [0.5, 0.5]
+    assert values["stop_via_guard"] == int(signal.SIGUSR2)
+    # sum, max, any_rank twice, max_int, the stop request, the interval metrics and the guard's
+    # one all-reduce for both its verdict and the stop request: 8 all-reduces.
+    assert counts == {"gloo:all_reduce": 8, "gloo:barrier": 1}
 
 
 SETUP_SCRIPT = """

@@ -25,12 +25,6 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LN2 = float(np.log(2.0))
 
 
-def gather(table: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """table[t] as float64 on t's device, shaped [B, 1, ..., 1] to broadcast over ``ndim`` dims."""
-    values = torch.from_numpy(table).to(t.device)[t.long()]
-    return values.reshape(-1, *([1] * (ndim - 1)))
-
-
 class GaussianDiffusion:
     """Forward process, posterior, model posterior p(x_{t-1}|x_t), losses and samplers.
 
@@ -48,6 +42,7 @@ class GaussianDiffusion:
             )
         self.learn_sigma = learn_sigma
         self.sigma_small = sigma_small
+        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.betas = betas
         self.num_timesteps = len(betas)
 
@@ -55,6 +50,7 @@ class GaussianDiffusion:
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -95,12 +91,22 @@ class GaussianDiffusion:
 
     # -- forward process ---------------------------------------------------------------------
 
+    def _gather(self, table: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """table[t] as float64 on t's device, shaped [B, 1, ..., 1] to broadcast over ``ndim`` dims.
+        Each table is copied to a device once: a host-to-device copy per call would block the
+        host (a sync) several times in every training step."""
+        key = (id(table), t.device)  # the tables are this object's attributes: ids are stable
+        values = self._device_tables.get(key)
+        if values is None:
+            values = self._device_tables[key] = torch.from_numpy(table).to(t.device)
+        return values[t.long()].reshape(-1, *([1] * (ndim - 1)))
+
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         n = x_start.ndim
-        mean = gather(self.sqrt_alphas_cumprod, t, n) * x_start
-        variance = gather(1.0 - self.alphas_cumprod, t, n).expand_as(mean)
-        log_variance = gather(self.log_one_minus_alphas_cumprod, t, n).expand_as(mean)
+        mean = self._gather(self.sqrt_alphas_cumprod, t, n) * x_start
+        variance = self._gather(self.one_minus_alphas_cumprod, t, n).expand_as(mean)
+        log_variance = self._gather(self.log_one_minus_alphas_cumprod, t, n).expand_as(mean)
         return mean.to(x_start.dtype), variance.to(x_start.dtype), log_variance.to(x_start.dtype)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -111,18 +117,17 @@ class GaussianDiffusion:
             )
         n = x_start.ndim
         x_t = (
-            gather(self.sqrt_alphas_cumprod, t, n) * x_start
-            + gather(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
+            self._gather(self.sqrt_alphas_cumprod, t, n) * x_start
+            + self._gather(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
         )
         return x_t.to(x_start.dtype)
 
     def _posterior64(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         n = x_t.ndim
-        mean = (
-            gather(self.posterior_mean_coef1, t, n) * x_start + gather(self.posterior_mean_coef2, t, n) * x_t
-        )
-        variance = gather(self.posterior_variance, t, n).expand_as(mean)
-        log_variance = gather(self.posterior_log_variance_clipped, t, n).expand_as(mean)
+        coef1 = self._gather(self.posterior_mean_coef1, t, n)
+        mean = coef1 * x_start + self._gather(self.posterior_mean_coef2, t, n) * x_t
+        variance = self._gather(self.posterior_variance, t, n).expand_as(mean)
+        log_variance = self._gather(self.posterior_log_variance_clipped, t, n).expand_as(mean)
         return mean, variance, log_variance
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
@@ -134,8 +139,8 @@ class GaussianDiffusion:
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
         x_start = (
-            gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t
-            - gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
+            self._gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t
+            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
         )
         return x_start.to(x_t.dtype)
 
@@ -143,7 +148,7 @@ class GaussianDiffusion:
         self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor
     ) -> torch.Tensor:
         n = x_t.ndim
-        eps = (gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / gather(
+        eps = (self._gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / self._gather(
             self.sqrt_recipm1_alphas_cumprod, t, n
         )
         return eps.to(x_t.dtype)
@@ -170,15 +175,15 @@ class GaussianDiffusion:
         n = x_t.ndim
         x_t64 = x_t.double()
         if v is not None:
-            min_log = gather(self.posterior_log_variance_clipped, t, n)
-            max_log = gather(self.log_betas, t, n)
+            min_log = self._gather(self.posterior_log_variance_clipped, t, n)
+            max_log = self._gather(self.log_betas, t, n)
             frac = (v.double() + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
         else:
-            log_variance = gather(self.fixed_log_variance, t, n).expand_as(x_t64)
+            log_variance = self._gather(self.fixed_log_variance, t, n).expand_as(x_t64)
         pred_xstart = (
-            gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t64
-            - gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps.double()
+            self._gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t64
+            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps.double()
         )
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
@@ -289,11 +294,11 @@ class GaussianDiffusion:
         n = x_t.ndim
         x_start = out["pred_xstart"]
         # Recomputed from x_0 so that clipping x_0 is reflected in eps too.
-        eps = (gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t.double() - x_start) / gather(
+        eps = (self._gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t.double() - x_start) / self._gather(
             self.sqrt_recipm1_alphas_cumprod, t, n
         )
-        abar = gather(self.alphas_cumprod, t, n)
-        abar_prev = gather(self.alphas_cumprod_prev, t, n)
+        abar = self._gather(self.alphas_cumprod, t, n)
+        abar_prev = self._gather(self.alphas_cumprod_prev, t, n)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         x_prev = torch.sqrt(abar_prev) * x_start + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
         if noise is not None and eta > 0:

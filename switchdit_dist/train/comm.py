@@ -74,6 +74,14 @@ def max_int(value: int, group: ProcessGroup | None = None) -> int:
     return int(tensor.item())
 
 
+def max_ints_on_device(values: torch.Tensor, group: ProcessGroup | None = None) -> list[int]:
+    """Element-wise maximum over the group of an int64 vector, read back with one host read. Build
+    ``values`` on ``device(group)`` from device results and ``torch.full`` fills (no host copy), so
+    that several per-step decisions cost one collective and one sync together."""
+    all_reduce_max([values], group)
+    return [int(v) for v in values.tolist()]
+
+
 def any_rank(flag: bool, group: ProcessGroup | None = None) -> bool:
     """True on every rank if ``flag`` is true on any rank of the group."""
     return max_int(int(bool(flag)), group) > 0

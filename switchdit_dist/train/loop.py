@@ -82,6 +82,7 @@ class Trainer:
             )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.engine, self.precision, self.guard = build_engine(cfg, self.model_config, env)
+        self.guard.piggyback = self.stop.order  # the stop agreement rides on the guard's all-reduce
         self.module = self.engine.module
         self.placement = expert_placement(self.module)
         self.ema = EMA.from_engine(self.engine, cfg.train.ema_decay)
@@ -237,10 +238,10 @@ class Trainer:
                 if self.validator is not None and step % cfg.logging.val_every == 0:
                     record = self.validator.evaluate(self.module, self.objective)
                     writer.log_validation(step, record)
-                signum = self.stop.agreed()
+                signum = self.stop.agreed(self.guard.take_piggyback())
                 due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
                 final = bool(signum) or step == cfg.train.steps
-                if (due or final) and not self._save(step, writer):
+                if (due or final) and not self._save(step, writer, final):
                     # retry waits for the next interval; the last save of a run has none
                     if cfg.checkpoint.on_write_error == "stop" or final:
                         raise UserError(
@@ -291,9 +292,10 @@ class Trainer:
             f"({self.skipped_total} skipped so far; batches in {self.run_dir / 'nonfinite.jsonl'})"
         )
 
-    def _save(self, step: int, writer: MetricsWriter) -> bool:
+    def _save(self, step: int, writer: MetricsWriter, final: bool) -> bool:
         """Write the checkpoint of ``step``; False if it failed. An asynchronous save returns once
-        the state is copied aside; a failure of the previous one is reported here."""
+        the state is copied aside; a failure of the previous one is reported here. ``final``: the
+        last save of the run or one on a stop, complete before this returns."""
         cfg = self.config
         meta = CheckpointMeta(
             step=step,
@@ -313,8 +315,6 @@ class Trainer:
             def hook(s):
                 raise OSError(28, "No space left on device (injected)")
 
-        # the last save of the run, and one on a stop, must be complete before the process ends
-        final = step == cfg.train.steps or bool(self.stop.agreed())
         report = self.checkpoints.save(
             self.engine,
             self.placement,

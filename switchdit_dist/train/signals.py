@@ -3,7 +3,8 @@
 SIGUSR2 is SLURM's early warning before a time limit or preemption (USR1 is avoided because
 NCCL may use it); SIGTERM comes from scancel, preemption without warning or the launcher;
 SIGINT from Ctrl-C. A handler only records the request: the training loop checks it between
-steps with one all-reduce, so every rank stops after the same step and writes the same checkpoint.
+steps with one all-reduce (the optimizer guard's, see ``finite_guard``), so every rank stops after
+the same step and writes the same checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class StopRequest:
         if self.signum == 0 or signum != signal.SIGUSR2:
             self.signum = signum
 
-    def agreed(self) -> int:
-        """The signal any rank received (0 if none), identical on every rank."""
-        return _BY_ORDER[comm.max_int(_ORDER[int(self.signum)])]
+    def order(self) -> int:
+        """This rank's request as its precedence (0: none), for an agreement by maximum."""
+        return _ORDER[int(self.signum)]
+
+    def agreed(self, order: int | None = None) -> int:
+        """The signal any rank received (0 if none), identical on every rank. ``order``: the
+        maximum of ``order()`` over the ranks when another collective already carried it (the
+        optimizer guard's); otherwise this agrees with one all-reduce of its own."""
+        if order is None:
+            order = comm.max_int(self.order())
+        return _BY_ORDER[order]
