@@ -75,6 +75,9 @@ class DiffusionSection:
 @dataclass
 class ParallelSection:
     ep_size: int = 1  # expert-parallel group size; groups are consecutive ranks (inside a node)
+    # how samples meet experts: tokens (all-to-all of the routed tokens), weights (all-gather of the
+    # linear experts, mixed per sample), auto (weights for linear experts when no more bytes)
+    expert_comm: str = "auto"
     zero_stage: int = 2  # 0, 1 or 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU), gloo, nccl
@@ -324,6 +327,13 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
     elif p.ep_size != 1:
         raise UserError(
             f"parallel.ep_size={p.ep_size} needs a mixture-of-experts model (model.arch=switch-dit)"
+        )
+    if p.expert_comm not in ("auto", "tokens", "weights"):
+        raise UserError(f"parallel.expert_comm: expected auto, tokens or weights, got {p.expert_comm!r}")
+    if p.expert_comm == "weights" and m.is_moe and m.expert_kind != "linear":
+        raise UserError(
+            f"parallel.expert_comm=weights needs linear experts (they are mixed per sample); "
+            f"model.expert_kind is {m.expert_kind!r}: use tokens or auto"
         )
     if p.ep_size < 1 or world_size % p.ep_size:
         raise UserError(

@@ -35,9 +35,10 @@ class Case:
     top_k: int
     routing: str = "random"  # random | same (every sample picks expert 0) | one_rank (only rank 0's experts)
     kind: str = "linear"
+    comm: str = "tokens"  # the layer's expert_comm: tokens (all-to-all) or weights (gathered, mixed)
 
     def __str__(self) -> str:
-        return f"E={self.num_experts},k={self.top_k},{self.routing},{self.kind}"
+        return f"E={self.num_experts},k={self.top_k},{self.routing},{self.kind},{self.comm}"
 
 
 def rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -114,7 +115,9 @@ def _worker_local_experts(rank: int, world: int, cases: list[Case]) -> dict[str,
     out = {}
     for i, case in enumerate(cases):
         reference = random_reference(case, seed=i)
-        layer = ExpertParallelMoE(DIM, case.num_experts, world, case.kind, mlp_ratio=2.0)
+        layer = ExpertParallelMoE(
+            DIM, case.num_experts, world, case.kind, mlp_ratio=2.0, expert_comm=case.comm
+        )
         layer.set_process_group(dist.group.WORLD)
         layer.load_local_experts(reference)
         out[str(case)] = compare_layers(layer, reference, case, rank, reduce_reference_grads=True, seed=i)
@@ -182,23 +185,27 @@ def copy_into_expert_parallel(ep_model: SwitchDiT, reference: SwitchDiT) -> None
         ep_block.moe.load_local_experts(ref_block.moe)
 
 
-def _worker_switch_dit(rank: int, world: int, planned: bool = False) -> dict[str, float]:
+def _worker_switch_dit(
+    rank: int, world: int, planned: bool = False, comm: str = "tokens", dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
     """``planned``: the expert-parallel model runs on the training step's plan (routes and every
-    rank's counts decided up front), the reference routes by itself."""
+    rank's counts decided up front), the reference routes by itself. ``comm``: the layers'
+    expert_comm."""
     config = tiny_switch_dit_config()
     reference = SwitchDiT(config)
     randomize_(reference, seed=0)
-    model = SwitchDiT(config, expert_parallel_factory(world))
+    model = SwitchDiT(config, expert_parallel_factory(world, comm))
     for block in model.blocks:
         block.moe.set_process_group(dist.group.WORLD)
     copy_into_expert_parallel(model, reference)
+    model, reference = model.to(dtype), reference.to(dtype)
 
     generator = torch.Generator().manual_seed(rank)
-    x = torch.randn(3, 4, 8, 8, generator=generator)
+    x = torch.randn(3, 4, 8, 8, generator=generator).to(dtype)
     t = torch.randint(0, 1000, (3,), generator=generator)
     y = torch.randint(0, 10, (3,), generator=generator)
-    grad_out = torch.randn(3, 8, 8, 8, generator=generator)
-    grad_gates = torch.randn(3, config.depth, config.num_experts, generator=generator)
+    grad_out = torch.randn(3, 8, 8, 8, generator=generator).to(dtype)
+    grad_gates = torch.randn(3, config.depth, config.num_experts, generator=generator).to(dtype)
     routes = None
     if planned:
         import numpy as np
@@ -207,26 +214,34 @@ def _worker_switch_dit(rank: int, world: int, planned: bool = False) -> dict[str
         from switchdit_dist.train.step import Objective
 
         routes = Objective(create_diffusion(), config).plan(model, [t], np.random.default_rng(0))[0].routes
-    exchanges = []
-    all_to_all = dist.all_to_all_single
+    calls = {"all_to_all_single": 0, "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
+    originals = {name: getattr(dist, name) for name in calls}
 
-    def counted(*args, **kwargs):
-        exchanges.append(1)
-        return all_to_all(*args, **kwargs)
+    def counting(name):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return counted
 
     grads = []
     results = {}
     for m in (model, reference):
         xi = x.clone().requires_grad_()
-        dist.all_to_all_single = counted
+        for name in calls:
+            setattr(dist, name, counting(name))
         try:
             out, gates = m(xi, t, y, return_gates=True, routes=routes if m is model else None)
             ((out * grad_out).sum() + (gates * grad_gates).sum()).backward()
         finally:
-            dist.all_to_all_single = all_to_all
+            for name, original in originals.items():
+                setattr(dist, name, original)
         grads.append((out.detach(), xi.grad))
-    # Per block: samples there and back, forward and backward; plus the count swap unless planned.
-    results["_exchanges_per_block"] = len(exchanges) / config.depth
+    # Tokens, per block: samples there and back, forward and backward; plus the count swap unless
+    # planned. Weights: the experts' weights and biases gathered, their gradients reduce-scattered.
+    results["_exchanges_per_block"] = calls["all_to_all_single"] / config.depth
+    results["_gathers_per_block"] = calls["all_gather_into_tensor"] / config.depth
+    results["_scatters_per_block"] = calls["reduce_scatter_tensor"] / config.depth
     results["output"] = rel_err(grads[0][0], grads[1][0])
     results["grad_x"] = rel_err(grads[0][1], grads[1][1])
     ref_params = dict(reference.named_parameters())
@@ -346,12 +361,12 @@ def _worker_engine(rank: int, world: int, stage: int, checkpoint_dir: str) -> di
 # ----------------------------------------------------------------------------- assertions
 
 
-def assert_all_close(errors: dict[str, dict[str, float]], label: str) -> None:
+def assert_all_close(errors: dict[str, dict[str, float]], label: str, tolerance: float = TOLERANCE) -> None:
     bad = {
         f"{label} {case}: {name}": err
         for case, per_name in errors.items()
         for name, err in per_name.items()
-        if not name.startswith("_") and err > TOLERANCE
+        if not name.startswith("_") and err > tolerance
     }
     assert not bad, bad
 
@@ -373,13 +388,22 @@ def test_layer_is_a_deepspeed_moe_layer_with_expert_params():
 
 @pytest.mark.parametrize(
     "case",
-    [Case(4, 1), Case(4, 2), Case(3, 2), Case(8, 2, "same"), Case(4, 2, kind="mlp")],
+    [
+        Case(4, 1),
+        Case(4, 2),
+        Case(3, 2),
+        Case(8, 2, "same"),
+        Case(4, 2, kind="mlp"),
+        Case(3, 2, comm="weights"),
+        Case(4, 1, comm="weights"),
+        Case(8, 2, "same", comm="weights"),
+    ],
     ids=str,
 )
 def test_single_process_matches_local_experts_without_process_group(case):
     assert not dist.is_initialized()
     reference = random_reference(case, seed=1)
-    layer = ExpertParallelMoE(DIM, case.num_experts, 1, case.kind, mlp_ratio=2.0)
+    layer = ExpertParallelMoE(DIM, case.num_experts, 1, case.kind, mlp_ratio=2.0, expert_comm=case.comm)
     layer.load_local_experts(reference)
     errors = compare_layers(layer, reference, case, rank=0, reduce_reference_grads=False, seed=1)
     assert_all_close({str(case): errors}, "ep=1")
@@ -454,6 +478,8 @@ def test_given_counts_make_the_same_plan_as_counting():
 def test_bad_input_is_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="num_experts=3 must be divisible .* ep_size=2"):
         ExpertParallelMoE(DIM, 3, ep_size=2)
+    with pytest.raises(ValueError, match="expert_comm=weights needs linear experts, not 'mlp'"):
+        ExpertParallelMoE(DIM, 4, kind="mlp", expert_comm="weights")
     with pytest.raises(ValueError, match=r"expert_index values must lie in \[0, 4\)"):
         ExpertParallelMoE(DIM, 4)(torch.zeros(2, LENGTH, DIM), torch.tensor([[0], [4]]), torch.ones(2, 1))
     with pytest.raises(RuntimeError, match="no expert-parallel group"):
@@ -475,6 +501,10 @@ def test_two_ranks_match_local_experts():
         Case(4, 2, "one_rank"),
         Case(8, 2),
         Case(4, 2, kind="mlp"),
+        # experts gathered to the samples: skewed routing and a rank whose experts get nothing
+        Case(4, 2, comm="weights"),
+        Case(4, 1, "same", comm="weights"),
+        Case(4, 2, "one_rank", comm="weights"),
     ]
     for rank, errors in enumerate(run_distributed(_worker_local_experts, 2, cases)):
         assert_all_close(errors, f"rank {rank}/2")
@@ -483,13 +513,18 @@ def test_two_ranks_match_local_experts():
 @pytest.mark.slow
 def test_four_ranks_match_local_experts():
     cases = [Case(8, 1), Case(8, 2), Case(8, 2, "same"), Case(8, 2, "one_rank"), Case(4, 1, "one_rank")]
+    cases += [
+        Case(8, 2, comm="weights"),
+        Case(8, 2, "same", comm="weights"),
+        Case(4, 1, "one_rank", comm="weights"),
+    ]
     for rank, errors in enumerate(run_distributed(_worker_local_experts, 4, cases)):
         assert_all_close(errors, f"rank {rank}/4")
 
 
 @pytest.mark.slow
 def test_paper_config_three_experts_on_three_ranks():
-    cases = [Case(3, 2), Case(3, 2, "same"), Case(3, 1, "one_rank")]
+    cases = [Case(3, 2), Case(3, 2, "same"), Case(3, 1, "one_rank"), Case(3, 2, comm="weights")]
     for rank, errors in enumerate(run_distributed(_worker_local_experts, 3, cases)):
         assert_all_close(errors, f"rank {rank}/3")
 
@@ -502,12 +537,19 @@ def test_two_ranks_match_deepspeed_stock_moe_layer():
 
 
 @pytest.mark.slow
-def test_switch_dit_expert_parallel_matches_single_process_model():
-    results = run_distributed(_worker_switch_dit, 2)
+@pytest.mark.parametrize("comm", ["tokens", "weights"])
+def test_switch_dit_expert_parallel_matches_single_process_model(comm):
+    # Weight mixing rounds differently from one matmul per expert. In fp32 the router's gradients,
+    # sums that nearly cancel (softmax), then differ by up to 1e-6 relative (8 seeds measured):
+    # the whole model is compared in float64, where the two agree to rounding (1e-12 here).
+    dtype, tolerance = (torch.float32, TOLERANCE) if comm == "tokens" else (torch.float64, 1e-12)
+    results = run_distributed(_worker_switch_dit, 2, False, comm, dtype)
     assert any(r["_crosses_ranks"] for r in results)
-    assert all(r["_exchanges_per_block"] == 5 for r in results)
+    per_block = (5, 0, 0) if comm == "tokens" else (0, 2, 2)
+    for r in results:
+        assert (r["_exchanges_per_block"], r["_gathers_per_block"], r["_scatters_per_block"]) == per_block
     for rank, errors in enumerate(results):
-        assert_all_close({"Switch-DiT": errors}, f"rank {rank}/2")
+        assert_all_close({"Switch-DiT": errors}, f"rank {rank}/2", tolerance)
 
 
 @pytest.mark.slow
@@ -555,6 +597,6 @@ def test_bench_moe_tiny_smoke(capsys):
         for s in ("S", "B")
         for ep in (1, 2)
         for routing in ("balanced", "skewed")
-        for impl in ("ours", "deepspeed", "dense")
+        for impl in ("ours", "weights", "deepspeed", "dense")
     }
     assert all(r["ms"] > 0 for r in rows)

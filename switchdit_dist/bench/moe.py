@@ -3,6 +3,8 @@
 Implementations, all fed the same per-sample routing and weights (paper experts: D->D linear):
 
 - ``ours``: ``ExpertParallelMoE`` (dropless, permutation-based whole-sample dispatch);
+- ``weights``: ``ExpertParallelMoE`` with ``expert_comm=weights`` (the experts all-gathered and
+  mixed per sample, their gradients reduce-scattered);
 - ``deepspeed``: DeepSpeed's stock ``MOELayer`` with ``drop_tokens=False`` semantics (every expert's
   buffer padded to the busiest expert's load over the EP group);
 - ``dense``: one dense layer with the same active FLOPs (each sample through k D->D maps, weighted).
@@ -32,7 +34,7 @@ from torch import nn
 from switchdit_dist.errors import UserError
 from switchdit_dist.train import comm
 
-IMPLS = ("ours", "deepspeed", "dense")
+IMPLS = ("ours", "weights", "deepspeed", "dense")
 ROUTINGS = ("balanced", "skewed")
 
 
@@ -105,8 +107,10 @@ def build_layer(impl: str, dim: int, config: MoEBenchConfig, ep: int, group) -> 
     from switchdit_dist.moe.deepspeed_stock import DeepSpeedStockExperts
     from switchdit_dist.moe.layer import ExpertParallelMoE
 
-    if impl == "ours":
-        layer = ExpertParallelMoE(dim, config.num_experts, ep)
+    if impl in ("ours", "weights"):
+        layer = ExpertParallelMoE(
+            dim, config.num_experts, ep, expert_comm="weights" if impl == "weights" else "tokens"
+        )
     elif impl == "deepspeed":
         layer = DeepSpeedStockExperts(dim, config.num_experts, ep)
     else:
@@ -243,15 +247,16 @@ def format_table(rows: list[Row], config: MoEBenchConfig) -> str:
     lines = [
         header,
         "",
-        f"{'shape':<6}{'ep':>3}  {'routing':<9}{'ours ms':>10}{'deepspeed ms':>14}{'dense ms':>10}"
-        f"{'ours/deepspeed':>16}{'ours/dense':>12}",
+        f"{'shape':<6}{'ep':>3}  {'routing':<9}{'ours ms':>10}{'weights ms':>12}{'deepspeed ms':>14}"
+        f"{'dense ms':>10}{'ours/deepspeed':>16}{'ours/dense':>12}{'weights/ours':>14}{'weights/dense':>15}",
     ]
     for shape in config.dims:
         for ep in (1, 2):
             for kind in ROUTINGS:
-                ours, stock, dense = (ms[(shape, ep, kind, impl)] for impl in IMPLS)
+                ours, weights, stock, dense = (ms[(shape, ep, kind, impl)] for impl in IMPLS)
                 lines.append(
-                    f"{shape:<6}{ep:>3}  {kind:<9}{ours:>10.1f}{stock:>14.1f}{dense:>10.1f}"
+                    f"{shape:<6}{ep:>3}  {kind:<9}{ours:>10.1f}{weights:>12.1f}{stock:>14.1f}{dense:>10.1f}"
                     f"{ours / stock:>16.2f}{ours / dense:>12.2f}"
+                    f"{weights / ours:>14.2f}{weights / dense:>15.2f}"
                 )
     return "\n".join(lines)

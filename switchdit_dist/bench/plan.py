@@ -70,6 +70,17 @@ class PlanInputs:
     global_batch: int | None = None
     dtype: str = "bf16"
     ema: bool = True
+    expert_comm: str = "auto"  # parallel.expert_comm: auto, tokens or weights
+
+
+@dataclass
+class ExpertComm:
+    """Both ways to bring samples and experts together in one block, and the one taken."""
+
+    tokens_bytes_per_block_direction: int  # token dispatch (as in the all-to-all estimate)
+    weights_bytes_per_block_direction: int  # gathering the other ranks' experts
+    mode: str  # parallel.expert_comm as set
+    chosen: str  # tokens or weights
 
 
 @dataclass
@@ -126,6 +137,7 @@ class Plan:
     tokens_per_image: int
     params: ParamCounts
     alltoall: AllToAll
+    expert_comm: ExpertComm | None  # None for a dense model
     gradient_reduction: GradientReduction
     memory: Memory
     compute_seconds_per_microstep: float
@@ -300,6 +312,21 @@ def estimate_memory(params: ParamCounts, inputs: PlanInputs, hw: Hardware) -> Me
     )
 
 
+def estimate_expert_comm(inputs: PlanInputs) -> ExpertComm | None:
+    from switchdit_dist.moe.weight_exchange import expert_comm_bytes, resolve_expert_comm
+
+    m = inputs.model
+    if not is_moe(m):
+        return None
+    args = (m.num_experts, m.hidden_size, inputs.micro_batch, m.num_patches, m.top_k, inputs.ep_size)
+    cost = expert_comm_bytes(*args, DTYPE_BYTES[inputs.dtype])
+    try:
+        chosen = resolve_expert_comm(inputs.expert_comm, m.expert_kind, *args, DTYPE_BYTES[inputs.dtype])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return ExpertComm(cost.tokens, cost.weights, inputs.expert_comm, chosen)
+
+
 def make_plan(inputs: PlanInputs, hw: Hardware) -> Plan:
     from switchdit_dist.models.flops import forward_flops_per_image
 
@@ -322,6 +349,7 @@ def make_plan(inputs: PlanInputs, hw: Hardware) -> Plan:
         tokens_per_image=inputs.model.num_patches,
         params=params,
         alltoall=alltoall,
+        expert_comm=estimate_expert_comm(inputs),
         gradient_reduction=estimate_gradient_reduction(params, inputs, hw),
         memory=memory,
         compute_seconds_per_microstep=compute,
@@ -400,6 +428,25 @@ def format_plan(plan: Plan) -> str:
             f"  estimated time           {_seconds(a.seconds_per_microstep)} per micro-step "
             f"({hw.intra_node_gb_per_s:g} GB/s NVLink, {hw.inter_node_gbit_per_s:g} Gb/s network)",
         ]
+    c = plan.expert_comm
+    if c is not None and m.expert_kind != "linear":
+        lines.append(
+            f"expert communication (parallel.expert_comm={c.mode}): tokens "
+            f"(gathering weights needs linear experts, this model's are {m.expert_kind})"
+        )
+    elif c is not None:
+        lines += [
+            f"expert communication (parallel.expert_comm={c.mode}): per block and direction, "
+            f"tokens {_bytes(c.tokens_bytes_per_block_direction)}, "
+            f"weights {_bytes(c.weights_bytes_per_block_direction)} "
+            f"({m.num_experts} x ({m.hidden_size}^2 + {m.hidden_size}) x {DTYPE_BYTES[i.dtype]} B x "
+            f"{i.ep_size - 1}/{i.ep_size}) -> {c.chosen}",
+        ]
+        if c.chosen == "weights":
+            lines.append(
+                "  weights: the experts are all-gathered, mixed per sample, their gradients "
+                "reduce-scattered; the all-to-all above is not used"
+            )
     g = plan.gradient_reduction
     lines += [
         f"compute estimate           {_seconds(plan.compute_seconds_per_microstep)} per micro-step "
@@ -448,6 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPE_BYTES), help="training dtype (default: config or bf16)"
     )
+    parser.add_argument(
+        "--expert-comm", choices=("auto", "tokens", "weights"), help="default: config or auto"
+    )
     parser.add_argument("--no-ema", action="store_true", help="leave the fp32 EMA copy out of the memory")
     parser.add_argument("--intra-node-gbs", type=float, default=300.0, help="NVLink GB/s per GPU (300)")
     parser.add_argument("--inter-node-gbps", type=float, default=200.0, help="network Gb/s per GPU (200)")
@@ -489,6 +539,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         global_batch=args.global_batch,
         dtype=_first(args.dtype, "bf16"),
         ema=not args.no_ema,
+        expert_comm=_first(args.expert_comm, "auto"),
     )
 
 
@@ -518,6 +569,7 @@ def _inputs_from_config(args: argparse.Namespace) -> PlanInputs:
         # A plan is for GPUs, where the config's "auto" means bf16.
         dtype=_first(args.dtype, precision if precision in DTYPE_BYTES else None, "bf16"),
         ema=not args.no_ema,
+        expert_comm=_first(args.expert_comm, config.parallel.expert_comm),
     )
 
 

@@ -8,7 +8,12 @@ The contract every expert implementation follows (this one, and the expert-paral
     y[b] = sum_j expert_weight[b, j] * expert_{expert_index[b, j]}(x[b])
 
 Routing is per sample (Switch-DiT's gate sees only the timestep), so every token of a sample
-goes to the same experts.
+goes to the same experts. For linear experts that allows *weight mixing*: with ``W_e, b_e`` the
+experts' weights and ``c[b, e]`` the sample's weight of expert e (0 when not routed there),
+
+    y[b] = sum_e c[b, e] (x[b] W_e^T + b_e) = x[b] (sum_e c[b, e] W_e)^T + sum_e c[b, e] b_e
+
+one matmul per token with the sample's mixed weight instead of k (``mixed_linear``).
 """
 
 from __future__ import annotations
@@ -50,12 +55,68 @@ def init_expert_(expert: nn.Module) -> None:
     nn.init.zeros_(last.bias)
 
 
-class LocalExperts(nn.Module):
-    """All E experts on one device; the reference the expert-parallel layer is tested against."""
+def route_coefficients(
+    expert_index: torch.Tensor, expert_weight: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """``c`` [B, E]: each sample's weight of every expert, 0 where it is not routed (differentiable
+    in ``expert_weight``)."""
+    coeff = expert_weight.new_zeros(expert_weight.shape[0], num_experts)
+    return coeff.scatter_add(1, expert_index, expert_weight)
 
-    def __init__(self, dim: int, num_experts: int, kind: str = "linear", mlp_ratio: float = 4.0):
+
+class _MixedLinear(torch.autograd.Function):
+    """``y[b] = x[b] M[b]^T + c[b] @ bias`` with ``M[b] = sum_e c[b, e] W[e]``. Written by hand so
+    that the [B, D, D] mixed weights are not kept for backward (autograd would save them: B*D*D
+    values per layer, which at B=32, D=1152 is 170 MB in fp32); backward recomputes them at the
+    cost of the mixing, E*B*D*D multiply-adds against the B*L*D*D of the matmul."""
+
+    @staticmethod
+    def forward(ctx, x, coeff, weight, bias):
+        ctx.save_for_backward(x, coeff, weight, bias)
+        mixed = torch.einsum("be,eoi->boi", coeff, weight)
+        return torch.baddbmm((coeff @ bias).unsqueeze(1), x, mixed.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, coeff, weight, bias = ctx.saved_tensors
+        need_x, need_c, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_c = grad_w = grad_b = None
+        grad_rows = grad_y.sum(1)  # [B, D_out]: the bias term's gradient per sample
+        if need_x:
+            grad_x = torch.bmm(grad_y, torch.einsum("be,eoi->boi", coeff, weight))
+        if need_c or need_w:
+            grad_mixed = torch.bmm(grad_y.transpose(1, 2), x)  # [B, D_out, D_in]
+            if need_c:
+                grad_c = torch.einsum("boi,eoi->be", grad_mixed, weight) + grad_rows @ bias.T
+            if need_w:
+                grad_w = torch.einsum("be,boi->eoi", coeff, grad_mixed)
+        if need_b:
+            grad_b = coeff.T @ grad_rows
+        return grad_x, grad_c, grad_w, grad_b
+
+
+def mixed_linear(
+    x: torch.Tensor, coeff: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """x [B, L, D_in], coeff [B, E], weight [E, D_out, D_in], bias [E, D_out] -> [B, L, D_out]:
+    every sample through the mixture of linear experts its coefficients give."""
+    return _MixedLinear.apply(x, coeff.to(x.dtype), weight, bias)
+
+
+class LocalExperts(nn.Module):
+    """All E experts on one device; the reference the expert-parallel layer is tested against.
+    ``mix``: linear experts by weight mixing (``mixed_linear``) instead of one matmul per route."""
+
+    def __init__(
+        self, dim: int, num_experts: int, kind: str = "linear", mlp_ratio: float = 4.0, mix: bool = False
+    ):
         super().__init__()
+        if mix and kind != "linear":
+            raise ValueError(
+                f"weight mixing needs linear experts, not {kind!r} ones (their sum is not linear)"
+            )
         self.num_experts = num_experts
+        self.mix = mix
         self.experts = nn.ModuleList(make_expert(kind, dim, mlp_ratio) for _ in range(num_experts))
 
     def reset_expert_parameters(self) -> None:
@@ -65,6 +126,11 @@ class LocalExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
     ) -> torch.Tensor:
+        if self.mix:
+            weight = torch.stack([e.weight for e in self.experts])
+            bias = torch.stack([e.bias for e in self.experts])
+            coeff = route_coefficients(expert_index, expert_weight, self.num_experts)
+            return mixed_linear(x, coeff, weight, bias)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             sample, slot = torch.nonzero(expert_index == e, as_tuple=True)

@@ -9,6 +9,11 @@ expert-parallel group creation and per-expert checkpoint files all key on that `
 only the experts (``deepspeed_moe.experts.deepspeed_experts.{i}``), the names the engine's
 checkpoint code rewrites between local and global expert ids.
 
+Two ways to bring samples and experts together (``expert_comm``): ``tokens`` moves each (sample,
+slot) block to its expert's rank and back (``dispatch``); ``weights`` gathers the group's linear
+experts to every rank and mixes them per sample locally (``weight_exchange``), which moves fewer
+bytes when the experts are smaller than the tokens and makes skewed routing free.
+
 Routing comes from the model (Switch-DiT's timestep router), so this layer has no gate and no
 parameters other than expert parameters. The training step knows the routes of a whole step from
 its timesteps and passes every EP rank's samples per expert as ``expert_counts``; called without
@@ -22,10 +27,11 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from switchdit_dist.models.experts import LocalExperts
+from switchdit_dist.models.experts import LocalExperts, mixed_linear, route_coefficients
 from switchdit_dist.models.switch_dit import ExpertsFactory, SwitchDiTConfig
 from switchdit_dist.moe.dispatch import plan_dispatch
 from switchdit_dist.moe.experts import ExpertShard
+from switchdit_dist.moe.weight_exchange import gather_experts
 from switchdit_dist.train import deepspeed_adapter as ds
 
 
@@ -40,13 +46,24 @@ class ExpertParallelMoE(MoE):
     """
 
     def __init__(
-        self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0
+        self,
+        dim: int,
+        num_experts: int,
+        ep_size: int = 1,
+        kind: str = "linear",
+        mlp_ratio: float = 4.0,
+        expert_comm: str = "tokens",
     ):
         nn.Module.__init__(self)
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(
                 f"num_experts={num_experts} must be divisible by the expert-parallel size ep_size={ep_size}"
             )
+        if expert_comm not in ("tokens", "weights"):
+            raise ValueError(f"expert_comm must be tokens or weights, got {expert_comm!r}")
+        if expert_comm == "weights" and kind != "linear":
+            raise ValueError(f"expert_comm=weights needs linear experts, not {kind!r} ones")
+        self.expert_comm = expert_comm
         # Attributes DeepSpeed's engine and checkpointing read from a MoE layer.
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -131,6 +148,8 @@ class ExpertParallelMoE(MoE):
         pairs per expert in this call (see ``plan_dispatch``)."""
         if self.ep_size > 1:
             self._require_group()
+        if self.expert_comm == "weights":
+            return self._forward_by_weights(x, expert_index, expert_weight)
         plan = plan_dispatch(
             expert_index,
             self.num_experts,
@@ -143,6 +162,16 @@ class ExpertParallelMoE(MoE):
         expert_out = self.deepspeed_moe(received, plan.chunk_sizes)
         return plan.combine(expert_out, expert_weight)
 
+    def _forward_by_weights(
+        self, x: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
+        # expert_index is not checked on the host here: that would read the device in every layer.
+        local = self.local_experts
+        weight = gather_experts(torch.stack([e.weight for e in local]), self.ep_group, self.ep_size)
+        bias = gather_experts(torch.stack([e.bias for e in local]), self.ep_group, self.ep_size)
+        coeff = route_coefficients(expert_index, expert_weight, self.num_experts)
+        return mixed_linear(x, coeff, weight, bias)
+
 
 def expert_parallel_layout(module: nn.Module) -> tuple[int, int, object] | None:
     """``(ep_size, ep_rank, ep_group)`` shared by the model's expert-parallel layers; None without any."""
@@ -152,12 +181,18 @@ def expert_parallel_layout(module: nn.Module) -> tuple[int, int, object] | None:
     return None
 
 
-def expert_parallel_factory(ep_size: int) -> ExpertsFactory:
-    """The ``experts_factory`` of ``SwitchDiT`` that shards each block's experts over ``ep_size`` ranks."""
+def expert_parallel_factory(ep_size: int, expert_comm: str = "tokens") -> ExpertsFactory:
+    """The ``experts_factory`` of ``SwitchDiT`` that shards each block's experts over ``ep_size``
+    ranks; ``expert_comm``: ``tokens`` or ``weights`` (see ``weight_exchange.resolve_expert_comm``)."""
 
     def make(config: SwitchDiTConfig, block_index: int) -> nn.Module:
         return ExpertParallelMoE(
-            config.hidden_size, config.num_experts, ep_size, config.expert_kind, config.expert_mlp_ratio
+            config.hidden_size,
+            config.num_experts,
+            ep_size,
+            config.expert_kind,
+            config.expert_mlp_ratio,
+            expert_comm,
         )
 
     return make
