@@ -6,7 +6,7 @@ MSE + VLB diffusion loss plus for Switch-DiT the diffusion prior loss), ``backwa
 ``torch.optim.AdamW`` step. Switch-DiT is the paper's configuration (E=3 linear experts, top-2) in
 the trainer's experts layer (``moe/layer.py``) at an expert-parallel size of 1.
 
-Side by side: for every size both models (and, with ``--compile``, their ``torch.compile``d
+Side by side: for every size both models (and, with ``--compile``, copies with compiled blocks,
 versions) are built first, then timed in turn inside every repetition, so a change in machine
 load hits all of them alike. Times are medians over ``--steps`` after ``--warmup`` steps; every
 variant sees the same inputs at the same repetition.
@@ -68,6 +68,7 @@ class TrainBenchConfig:
     compile: bool = False  # also time torch.compile'd variants
     compile_backend: str = "inductor"
     sdpa: str = "auto"  # scaled_dot_product_attention backend: auto (PyTorch picks) or math
+    expert_comm: str = "auto"  # parallel.expert_comm of the trainer (auto: weight mixing, linear experts)
     peak_matmul_size: int = 2048
     seed: int = 0
 
@@ -140,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="attention kernel: auto (PyTorch's choice, flash attention on recent GPUs) or math",
     )
+    parser.add_argument(
+        "--expert-comm",
+        choices=("auto", "tokens", "weights"),
+        default="auto",
+        help="Switch-DiT's experts as the trainer's parallel.expert_comm runs them (default auto)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     parser.add_argument("--tiny", action="store_true", help="tiny model and shapes, for a quick smoke run")
 
@@ -170,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         precision=args.precision or ("bf16" if on_gpu else "fp32"),
         compile=args.compile,
         sdpa=args.sdpa,
+        expert_comm=args.expert_comm,
     )
 
 
@@ -221,9 +229,12 @@ def make_inputs(config: TrainBenchConfig, batch: int, iteration: int, device: to
 
 
 class TrainStep:
-    """Model, AdamW and the trainer's step for one architecture; ``step(inputs, compiled)``."""
+    """Model, AdamW and the trainer's step for one architecture; ``step(inputs)``. ``compiled``:
+    the blocks compiled as ``train.compile`` does (``engine.compile_blocks``)."""
 
-    def __init__(self, arch: str, size: str, config: TrainBenchConfig, device: torch.device):
+    def __init__(
+        self, arch: str, size: str, config: TrainBenchConfig, device: torch.device, compiled: bool = False
+    ):
         from switchdit_dist.diffusion import create_diffusion
         from switchdit_dist.moe.layer import expert_parallel_factory
 
@@ -239,7 +250,16 @@ class TrainStep:
         self.model_config = model_config(arch, size, config.patch_size, **overrides)
         torch.manual_seed(config.seed)
         # The trainer's experts layer at an expert-parallel size of 1 (no process group needed).
-        factory = expert_parallel_factory(1) if arch == "switch-dit" else None
+        factory = None
+        if arch == "switch-dit":
+            from switchdit_dist.moe.weight_exchange import resolve_expert_comm
+
+            c = self.model_config
+            self.expert_comm = resolve_expert_comm(
+                config.expert_comm, c.expert_kind, c.num_experts, c.hidden_size, config.batch or 32,
+                c.num_patches, c.top_k, 1, 2 if config.precision == "bf16" else 4,
+            )  # fmt: skip
+            factory = expert_parallel_factory(1, self.expert_comm)
         model = build_model(self.model_config, factory) if factory else build_model(self.model_config)
         self.model = model.to(device).train()
         self.device = device
@@ -257,9 +277,11 @@ class TrainStep:
             self.model.to(torch.bfloat16)
         self.params = params
         self.optimizer = torch.optim.AdamW(self.masters or params, lr=1e-4, weight_decay=0.0)
-        self.forwards: dict[bool, Callable] = {False: self.model}
-        if config.compile:
-            self.forwards[True] = torch.compile(self.model, backend=config.compile_backend)
+        self.compiled = compiled
+        if compiled:
+            from switchdit_dist.train.engine import compile_blocks
+
+            compile_blocks(self.model, config.compile_backend)
 
     @property
     def name(self) -> str:
@@ -275,16 +297,16 @@ class TrainStep:
             tensors += [v for v in state.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def loss(self, inputs: StepInputs, compiled: bool = False) -> torch.Tensor:
+    def loss(self, inputs: StepInputs) -> torch.Tensor:
         """The trainer's objective (``train/step.py``) on one micro-batch: plan, then forward and loss."""
         rng = np.random.default_rng(inputs.prior_seed)
         plan = self.objective.plan(self.model, [inputs.draws.t], rng)
         batch = self.objective.inputs(inputs.x0, inputs.y, inputs.draws, self.device)
-        return self.objective(self.forwards[compiled], batch, None if plan is None else plan[0]).loss
+        return self.objective(self.model, batch, None if plan is None else plan[0]).loss
 
-    def step(self, inputs: StepInputs, compiled: bool = False) -> torch.Tensor:
+    def step(self, inputs: StepInputs) -> torch.Tensor:
         """One optimizer step; returns the detached loss (on the device: nothing waits for it)."""
-        loss = self.loss(inputs, compiled)
+        loss = self.loss(inputs)
         loss.backward()
         if self.masters is not None:
             for master, p in zip(self.masters, self.params):
@@ -340,7 +362,7 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def timed_step(runner: TrainStep, inputs: StepInputs, compiled: bool) -> tuple[float, float | None]:
+def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float | None]:
     """Seconds of one step, and on CUDA the step's peak MiB (own persistent state + what it allocated)."""
     device = runner.device
     synchronize(device)
@@ -348,7 +370,7 @@ def timed_step(runner: TrainStep, inputs: StepInputs, compiled: bool) -> tuple[f
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    runner.step(inputs, compiled)
+    runner.step(inputs)
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.type != "cuda":
@@ -361,7 +383,7 @@ def tracked_peak_mib(runner: TrainStep, inputs: StepInputs) -> float:
     """CPU: one untimed eager step under :class:`StorageTracker`."""
     tracker = StorageTracker()
     with tracker:
-        runner.step(inputs, compiled=False)
+        runner.step(inputs)
     return (runner.persistent_bytes() + tracker.peak) / 2**20
 
 
@@ -406,24 +428,27 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
 
     device = torch.device(config.device)
     runners = [TrainStep(arch, size, config, device) for arch in ARCHS]
-    batch = config.batch or largest_batch(lambda b: fits_on_gpu(runners, config, b))
-    variants = [(runner, compiled) for compiled in runners[0].forwards for runner in runners]
+    eager = list(runners)
+    if config.compile:  # own models with the same seed: the same weights, compiled blocks
+        runners += [TrainStep(arch, size, config, device, compiled=True) for arch in ARCHS]
+    batch = config.batch or largest_batch(lambda b: fits_on_gpu(eager, config, b))
+    variants = [(runner, runner.compiled) for runner in runners]
     times: dict[tuple[str, bool], list[float]] = {(r.arch, c): [] for r, c in variants}
     peaks: dict[tuple[str, bool], float] = {}
     for i in range(config.warmup):
         inputs = make_inputs(config, batch, i, device)
-        for runner, compiled in variants:
-            runner.step(inputs, compiled)
+        for runner, _ in variants:
+            runner.step(inputs)
     if device.type != "cuda":
         # The tracker follows eager ops only, so on CPU compiled variants get no memory figure.
         inputs = make_inputs(config, batch, config.warmup, device)
-        for runner in runners:
+        for runner in eager:
             peaks[(runner.arch, False)] = tracked_peak_mib(runner, inputs)
     # Round-robin over the variants, so that a change in machine load hits all of them.
     for i in range(config.steps):
         inputs = make_inputs(config, batch, config.warmup + 1 + i, device)
         for runner, compiled in variants:
-            seconds, peak = timed_step(runner, inputs, compiled)
+            seconds, peak = timed_step(runner, inputs)
             times[(runner.arch, compiled)].append(seconds)
             if peak is not None:
                 peaks[(runner.arch, compiled)] = max(peaks.get((runner.arch, compiled), 0.0), peak)
@@ -482,7 +507,8 @@ def format_table(rows: list[Row], config: TrainBenchConfig, notes: dict) -> str:
     precision = "bf16 weights, fp32 masters" if config.precision == "bf16" else "fp32"
     lines = [
         f"Training step (diffusion loss + prior loss for Switch-DiT, AdamW), DiT vs Switch-DiT "
-        f"(E={config.num_experts}, k={config.top_k}, linear experts); {first.tokens} tokens per image; "
+        f"(E={config.num_experts}, k={config.top_k}, linear experts, expert_comm={config.expert_comm}); "
+        f"{first.tokens} tokens per image; "
         f"{precision}; {where}; attention {config.sdpa}; median of {config.steps} step(s) after "
         f"{config.warmup} warm-up",
         f"matmul peak measured in this run: {notes['peak_tflops']:.4f} TFLOP/s "

@@ -1,6 +1,6 @@
 """Gaussian diffusion for DiT / Switch-DiT: schedules, losses, respacing, DDPM/DDIM samplers, guidance."""
 
-from switchdit_dist.diffusion.factory import DiffusionConfig, create_diffusion
+from switchdit_dist.diffusion.factory import create_diffusion
 from switchdit_dist.diffusion.gaussian import GaussianDiffusion, ModelFn
 from switchdit_dist.diffusion.guidance import classifier_free_guidance, mix_guidance
 from switchdit_dist.diffusion.respace import SpacedDiffusion, space_timesteps
@@ -9,7 +9,6 @@ from switchdit_dist.diffusion.schedules import NOISE_SCHEDULES, beta_schedule
 
 __all__ = [
     "NOISE_SCHEDULES",
-    "DiffusionConfig",
     "GaussianDiffusion",
     "ModelFn",
     "SpacedDiffusion",

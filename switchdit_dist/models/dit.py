@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -231,10 +232,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        c, p = self.config.out_channels, self.config.patch_size
+        """Tokens [N, h*w, p*p*c] back to images [N, c, h*p, w*p] (DiT's token layout)."""
+        p = self.config.patch_size
         h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """Tokens, conditioning c = t_emb + y_emb, and t_emb on its own (Switch-DiT's gate input)."""
@@ -247,24 +248,3 @@ class DiT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
-
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guided_channels: int | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose second half carries the null class.
-
-        ``guided_channels=None`` guides every latent channel of the epsilon output; DiT's released
-        sampler guides only the first 3 (pass 3 to reproduce it).
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        eps_channels = self.config.in_channels if guided_channels is None else guided_channels
-        eps, rest = out[:, :eps_channels], out[:, eps_channels:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
