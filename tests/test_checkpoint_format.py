@@ -245,3 +245,27 @@ record_attempt done
     subprocess.run(["bash", "-c", script], check=True)
     lines = [json.loads(line) for line in (tmp_path / "attempts.jsonl").read_text().splitlines()]
     assert [line["checkpoint_fallback"] for line in lines] == [record, None]
+
+
+@pytest.mark.slow
+def test_the_checkpoint_benchmark_runs_the_demo_model(tmp_path):
+    import yaml
+
+    from switchdit_dist.bench.ckpt import DEMO_MODEL
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    assert dict(item.split("=", 1) for item in DEMO_MODEL) == {
+        f"model.{k}": str(v) for k, v in demo["model"].items()
+    }
+    cmd = [sys.executable, "-m", "switchdit_dist.cli", "bench", "ckpt", "--models", "demo"]
+    out = subprocess.run(
+        [*cmd, "--modes", "sync,async", "--saves", "2", "--every", "2", "--json"],
+        cwd=tmp_path,  # not the checkout: the benchmark needs no configs/ folder
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout[out.stdout.index("[\n") :])  # after any log lines
+    assert [(r["model"], r["mode"]) for r in rows] == [("demo", "sync"), ("demo", "async")]
+    assert all(r["disk_bytes"] > r["raw_bytes"] * 0.9 and r["blocked_s"] > 0 for r in rows)

@@ -8,7 +8,8 @@ time to completion is reported next to it. Bytes on disk are those of the last c
 directory, against the raw state: fp32 weights, two Adam moments and the EMA (16 bytes per
 parameter) plus the per-rank side state (data position, RNG) as the checkpoint stores it.
 
-Models: ``demo`` (the tiny Switch-DiT of ``configs/demo.yaml`` on 16x16x1 digits-sized data) and
+Models: ``demo`` (the tiny Switch-DiT of ``configs/demo.yaml``, ``DEMO_MODEL``, on 16x16x1
+digits-sized data) and
 ``S`` (Switch-DiT-S/2 on 32x32x4 latents with 1000 classes, with 4 experts instead of the
 paper's 3 so that EP 2 divides them).
 Both run EP 2, ZeRO-2 on 2 processes by default. Medians leave out the first save (imports and
@@ -28,6 +29,20 @@ from pathlib import Path
 
 from switchdit_dist.errors import UserError
 
+# The demo's Switch-DiT (configs/demo.yaml's model section), spelled out so that the benchmark
+# also runs from an installed wheel, which ships no configs/ folder.
+DEMO_MODEL = [
+    "model.arch=switch-dit",
+    "model.size=tiny",
+    "model.patch_size=2",
+    "model.input_size=16",
+    "model.in_channels=1",
+    "model.num_classes=10",
+    "model.num_experts=4",
+    "model.top_k=2",
+    "model.expert_kind=linear",
+    "model.prior_loss_weight=1.0",
+]
 MODELS = {
     # name: (model overrides, latent shape, classes, global batch, micro batch)
     "demo": (["model.size=tiny", "model.num_experts=4"], (1, 16, 16), 10, 16, 8),
@@ -108,17 +123,16 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str
     from switchdit_dist.train.loop import Trainer
 
     torch.set_num_threads(1)
-    repo = Path(__file__).resolve().parents[2]
-    config = load_config(repo / "configs" / "demo.yaml", overrides)
+    config = load_config(None, [*DEMO_MODEL, *overrides])
     validate(config, world)
     env = distributed.setup(config.parallel.backend, config.parallel.timeout_s)
     trainer = Trainer(config, Path(run_dir), env)
     blocked: list[float] = []
     save = trainer._save
 
-    def timed_save(step, writer):
+    def timed_save(*args):
         start = time.perf_counter()
-        ok = save(step, writer)
+        ok = save(*args)
         blocked.append(time.perf_counter() - start)
         return ok
 
@@ -136,11 +150,11 @@ def _params(model: str) -> int:
     from switchdit_dist.config import load_config
     from switchdit_dist.models.registry import build_model
 
-    repo = Path(__file__).resolve().parents[2]
     overrides, (channels, side, _), classes, _, _ = MODELS[model]
     config = load_config(
-        repo / "configs" / "demo.yaml",
+        None,
         [
+            *DEMO_MODEL,
             *overrides,
             f"model.num_classes={classes}",
             f"model.in_channels={channels}",
