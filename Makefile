@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev,digits,vae]'
 	touch $@
 
 venv: $(VENV)/.installed

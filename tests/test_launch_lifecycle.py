@@ -252,3 +252,14 @@ def test_a_bad_value_and_a_read_only_run_dir_fail_in_one_line_before_any_rank(tm
         f"switchdit launch: error: --run-dir {run}: cannot write in {run} (Read-only file system); "
         "choose a writable run directory"
     ] or (os.geteuid() != 0 and "Permission denied" in locked.output)
+
+
+def test_missing_data_fails_in_one_line_before_any_rank(tmp_path):
+    missing = tmp_path / "not-prepared" / "manifest.json"
+    launch = Launch(command(tmp_path / "run", missing), tmp_path / "launch.log")
+    assert launch.wait() == 2
+    lines = launch.output.splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("switchdit launch: error: ") and str(missing) in lines[0]
+    ), lines
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written

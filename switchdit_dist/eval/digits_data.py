@@ -26,9 +26,9 @@ def preprocess_digits(raw: np.ndarray) -> torch.Tensor:
 
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits: images [N, 1, 16, 16] in [-1, 1] and labels [N] (long)."""
-    from sklearn.datasets import load_digits
+    from switchdit_dist.extras import need
 
-    digits = load_digits()
+    digits = need("sklearn.datasets", "the digits data").load_digits()
     return preprocess_digits(digits.images), torch.as_tensor(digits.target, dtype=torch.long)
 
 

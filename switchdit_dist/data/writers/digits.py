@@ -24,9 +24,9 @@ NUM_CLASSES = 10
 
 def digits_latents(size: int) -> tuple[np.ndarray, np.ndarray]:
     """All digits as float32 [N, 1, size, size] in [-1, 1], and their classes [N]."""
-    from sklearn.datasets import load_digits
+    from switchdit_dist.extras import need
 
-    digits = load_digits()
+    digits = need("sklearn.datasets", "the digits data").load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]
     if size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

@@ -112,7 +112,9 @@ def _device(name: str) -> torch.device:
 
 
 def load_vae(folder: str, device: torch.device):
-    from diffusers import AutoencoderKL
+    from switchdit_dist.extras import need
+
+    AutoencoderKL = need("diffusers", "encoding images with a VAE (--vae)").AutoencoderKL
 
     if not (Path(folder) / "config.json").is_file():
         raise UserError(
