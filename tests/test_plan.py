@@ -170,6 +170,10 @@ def test_cli_plan_from_config_with_override(tmp_path, capsys):
     assert "accumulation 1" in text
     per_block = 8 * 256 * 384 * 2 * BF16 * 3 // 4
     assert f"{per_block / 1e6:.2f} MB" in text
+    # The overrides syntax of train, launch and submit (KEY=VALUE anywhere) gives the same plan.
+    assert main(["plan", "parallel.ep_size=4", "--config", str(config), "--nodes", "1",
+                 "--gpus-per-node", "8"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == text
 
 
 def test_cli_plan_errors_name_the_value(capsys):

@@ -479,7 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config", metavar="YAML", help="a run config (model, parallel, train sections)")
     source.add_argument("--model", metavar="NAME", help="a named model, e.g. Switch-DiT-XL/2 or DiT-B/4")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (with --config), e.g. parallel.ep_size=4")  # fmt: skip
+                        help="config override (with --config), e.g. parallel.ep_size=4; a plain KEY=VALUE, "
+                             "as train, launch and submit take it, works too")  # fmt: skip
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument(
