@@ -24,10 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("switchdit_dist.export.convert", "merge a sharded checkpoint into one safetensors file"),
     "verify": ("switchdit_dist.checkpoint.verify_command", "check checkpoint files against their manifests"),
     "import": ("switchdit_dist.export.importer", "convert public DiT / Switch-DiT weights"),
-    "sample": ("switchdit_dist.export.sample", "sample an image grid from an exported model"),
+    "sample": ("switchdit_dist.sampling.command", "sample an image grid from an exported model"),
     "eval": ("switchdit_dist.eval.command", "score samples (digits classifier, FID plumbing)"),
     "bench": ("switchdit_dist.bench.command", "benchmarks (moe, data, train, ckpt)"),
-    "plan": ("switchdit_dist.bench.plan", "estimate communication and memory before launching"),
+    "plan": ("switchdit_dist.capacity", "estimate communication and memory before launching"),
 }
 
 

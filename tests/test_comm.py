@@ -27,7 +27,8 @@ PACKAGE = Path(switchdit_dist.__file__).resolve().parent
 ALLOWED = {
     "train/comm.py": "the module that owns the project's collectives",
     "moe/dispatch.py": "the MoE token exchange: all-to-all of the routed tokens on the EP group",
-    "moe/deepspeed_stock.py": "stand-in for DeepSpeed's stock gate; reproduces its capacity all-reduce",
+    "moe/weight_exchange.py": "the MoE weight exchange: experts gathered, their gradients reduce-scattered",
+    "bench/deepspeed_stock.py": "stand-in for DeepSpeed's stock gate; reproduces its capacity all-reduce",
 }
 COLLECTIVE = re.compile(
     r"(all_reduce|all_gather|broadcast|barrier|monitored_barrier|reduce|gather|scatter|all_to_all"

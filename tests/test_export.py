@@ -246,7 +246,7 @@ def test_sample_command_writes_grid_and_npz(ema_file, tmp_path):
 
 
 def test_same_seed_same_samples_and_bad_options_refused(ema_file, tmp_path):
-    from switchdit_dist.export.sample import SampleOptions, sample
+    from switchdit_dist.sampling.command import SampleOptions, sample
 
     def draw(seed: int, **kw):
         return sample(
@@ -297,9 +297,9 @@ def latent_model(tmp_path_factory):
 
 
 def test_latent_model_decodes_through_the_vae(latent_model, tmp_path):
-    from switchdit_dist.eval.sampling import SamplingConfig, sample_class_conditional
     from switchdit_dist.export.load import load_model
-    from switchdit_dist.export.sample import SampleOptions, sample, to_uint8_images
+    from switchdit_dist.sampling.command import SampleOptions, sample, to_uint8_images
+    from switchdit_dist.sampling.generate import SamplingConfig, sample_class_conditional
 
     model_file, vae_dir, vae = latent_model
     with pytest.raises(UserError, match=r"latent model \(4 channels\): pass --vae"):

@@ -20,10 +20,10 @@ from deepspeed.moe.utils import has_moe_layers, is_moe_param
 from distributed import run_distributed
 from torch import nn
 
+from switchdit_dist.bench.deepspeed_stock import DeepSpeedStockExperts
 from switchdit_dist.models.experts import LocalExperts
 from switchdit_dist.models.switch_dit import SwitchDiT, SwitchDiTConfig
 from switchdit_dist.moe import ExpertParallelMoE, expert_parallel_factory, plan_dispatch
-from switchdit_dist.moe.deepspeed_stock import DeepSpeedStockExperts
 
 TOLERANCE = 1e-6
 DIM, LENGTH, BATCH = 8, 3, 5

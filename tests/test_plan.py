@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from switchdit_dist.bench.plan import (
+from switchdit_dist.capacity import (
     Hardware,
     PlanInputs,
     count_params,

@@ -104,7 +104,7 @@ class DenseEquivalent(nn.Module):
 
 
 def build_layer(impl: str, dim: int, config: MoEBenchConfig, ep: int, group) -> nn.Module:
-    from switchdit_dist.moe.deepspeed_stock import DeepSpeedStockExperts
+    from switchdit_dist.bench.deepspeed_stock import DeepSpeedStockExperts
     from switchdit_dist.moe.layer import ExpertParallelMoE
 
     if impl in ("ours", "weights"):

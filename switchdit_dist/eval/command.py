@@ -21,7 +21,7 @@ import torch
 from switchdit_dist.devices import resolve_device
 from switchdit_dist.errors import UserError
 from switchdit_dist.eval.digits_data import DIGITS_SIZE, NUM_DIGIT_CLASSES
-from switchdit_dist.eval.sampling import SAMPLERS, SamplingConfig
+from switchdit_dist.sampling.generate import SAMPLERS, SamplingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def check_digits_model(model: torch.nn.Module, path: str, cfg_scale: float) -> N
 def run_digits(args: argparse.Namespace) -> dict:
     from switchdit_dist import load_model
     from switchdit_dist.eval.digits_metrics import DigitsEvaluator
-    from switchdit_dist.eval.sampling import sample_class_conditional
+    from switchdit_dist.sampling.generate import sample_class_conditional
 
     if not args.checkpoint:
         raise UserError("--digits needs --checkpoint MODEL.safetensors")

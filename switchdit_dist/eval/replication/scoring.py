@@ -47,7 +47,7 @@ class Scorer:
     def score(self, model_file: Path, sampling_seed: int) -> dict[str, Any]:
         from switchdit_dist import load_model
         from switchdit_dist.eval.command import check_digits_model
-        from switchdit_dist.eval.sampling import SamplingConfig, sample_class_conditional
+        from switchdit_dist.sampling.generate import SamplingConfig, sample_class_conditional
 
         s = self.settings
         config = SamplingConfig(

@@ -2,7 +2,7 @@
 
 No process group is involved: the model file (``switchdit convert`` / ``switchdit import``) holds
 the whole single-device model. The reverse chain is the evaluation sampler
-(``switchdit_dist.eval.sampling.sample_class_conditional``: DDPM respaced to ``--steps`` or DDIM,
+(``switchdit_dist.sampling.generate.sample_class_conditional``: DDPM respaced to ``--steps`` or DDIM,
 classifier-free guidance on every latent channel), so ``switchdit eval`` and this command draw the
 same images for the same settings.
 
@@ -196,8 +196,8 @@ def sample(options: SampleOptions) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     from switchdit_dist.diffusion import NOISE_SCHEDULES
-    from switchdit_dist.eval.sampling import SamplingConfig, sample_class_conditional
     from switchdit_dist.export.load import load_model
+    from switchdit_dist.sampling.generate import SamplingConfig, sample_class_conditional
 
     device = resolve_device(options.device)
     model = load_model(options.checkpoint, device=device)
