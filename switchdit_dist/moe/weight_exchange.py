@@ -14,6 +14,7 @@ more than another.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +33,18 @@ class _GatherExperts(torch.autograd.Function):
         world = dist.get_world_size(group)
         local = local.contiguous()
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=group)
+        with warnings.catch_warnings():  # deprecated in torch 2.13 (all_gather_single); exists since 1.13
+            warnings.simplefilter("ignore", FutureWarning)
+            dist.all_gather_into_tensor(out, local, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         world = dist.get_world_size(ctx.group)
         out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        with warnings.catch_warnings():  # as above (reduce_scatter_single in torch 2.13)
+            warnings.simplefilter("ignore", FutureWarning)
+            dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None
 
 
