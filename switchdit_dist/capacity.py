@@ -313,18 +313,19 @@ def estimate_memory(params: ParamCounts, inputs: PlanInputs, hw: Hardware) -> Me
 
 
 def estimate_expert_comm(inputs: PlanInputs) -> ExpertComm | None:
-    from switchdit_dist.moe.weight_exchange import expert_comm_bytes, resolve_expert_comm
+    from switchdit_dist.expert_comm import check_expert_comm, expert_comm_bytes
 
     m = inputs.model
     if not is_moe(m):
         return None
-    args = (m.num_experts, m.hidden_size, inputs.micro_batch, m.num_patches, m.top_k, inputs.ep_size)
-    cost = expert_comm_bytes(*args, DTYPE_BYTES[inputs.dtype])
     try:
-        chosen = resolve_expert_comm(inputs.expert_comm, m.expert_kind, *args, DTYPE_BYTES[inputs.dtype])
+        check_expert_comm(inputs.expert_comm, m.expert_kind)
     except ValueError as err:
         raise UserError(str(err)) from None
-    return ExpertComm(cost.tokens, cost.weights, inputs.expert_comm, chosen)
+    cost = expert_comm_bytes(m, inputs.micro_batch, inputs.ep_size, DTYPE_BYTES[inputs.dtype])
+    mode = inputs.expert_comm
+    chosen = cost.choice(m.expert_kind, inputs.ep_size) if mode == "auto" else mode
+    return ExpertComm(cost.tokens, cost.weights, mode, chosen)
 
 
 def make_plan(inputs: PlanInputs, hw: Hardware) -> Plan:

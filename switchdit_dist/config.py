@@ -22,6 +22,7 @@ import yaml
 
 from switchdit_dist.data.config import DataConfig
 from switchdit_dist.errors import UserError
+from switchdit_dist.expert_comm import check_expert_comm
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.experts import EXPERT_KINDS
 from switchdit_dist.models.registry import ARCHS, PATCH_SIZES, SIZES, model_config
@@ -328,13 +329,10 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         raise UserError(
             f"parallel.ep_size={p.ep_size} needs a mixture-of-experts model (model.arch=switch-dit)"
         )
-    if p.expert_comm not in ("auto", "tokens", "weights"):
-        raise UserError(f"parallel.expert_comm: expected auto, tokens or weights, got {p.expert_comm!r}")
-    if p.expert_comm == "weights" and m.is_moe and m.expert_kind != "linear":
-        raise UserError(
-            f"parallel.expert_comm=weights needs linear experts (they are mixed per sample); "
-            f"model.expert_kind is {m.expert_kind!r}: use tokens or auto"
-        )
+    try:
+        check_expert_comm(p.expert_comm, m.expert_kind if m.is_moe else "linear")
+    except ValueError as err:
+        raise UserError(f"parallel.{err}") from None
     if p.ep_size < 1 or world_size % p.ep_size:
         raise UserError(
             f"parallel.ep_size={p.ep_size} does not divide the world size {world_size} "

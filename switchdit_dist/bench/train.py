@@ -252,13 +252,12 @@ class TrainStep:
         # The trainer's experts layer at an expert-parallel size of 1 (no process group needed).
         factory = None
         if arch == "switch-dit":
-            from switchdit_dist.moe.weight_exchange import resolve_expert_comm
+            from switchdit_dist.expert_comm import resolve_expert_comm
 
-            c = self.model_config
+            value_bytes = 2 if config.precision == "bf16" else 4
             self.expert_comm = resolve_expert_comm(
-                config.expert_comm, c.expert_kind, c.num_experts, c.hidden_size, config.batch or 32,
-                c.num_patches, c.top_k, 1, 2 if config.precision == "bf16" else 4,
-            )  # fmt: skip
+                config.expert_comm, self.model_config, config.batch or 32, 1, value_bytes
+            )
             factory = expert_parallel_factory(1, self.expert_comm)
         model = build_model(self.model_config, factory) if factory else build_model(self.model_config)
         self.model = model.to(device).train()

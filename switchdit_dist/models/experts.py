@@ -103,6 +103,19 @@ def mixed_linear(
     return _MixedLinear.apply(x, coeff.to(x.dtype), weight, bias)
 
 
+def mix_routed_experts(
+    x: torch.Tensor,
+    expert_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """The experts contract by weight mixing, given all E linear experts stacked (weight [E, D, D],
+    bias [E, D])."""
+    coeff = route_coefficients(expert_index, expert_weight, weight.shape[0])
+    return mixed_linear(x, coeff, weight, bias)
+
+
 class LocalExperts(nn.Module):
     """All E experts on one device; the reference the expert-parallel layer is tested against.
     ``mix``: linear experts by weight mixing (``mixed_linear``) instead of one matmul per route."""
@@ -129,8 +142,7 @@ class LocalExperts(nn.Module):
         if self.mix:
             weight = torch.stack([e.weight for e in self.experts])
             bias = torch.stack([e.bias for e in self.experts])
-            coeff = route_coefficients(expert_index, expert_weight, self.num_experts)
-            return mixed_linear(x, coeff, weight, bias)
+            return mix_routed_experts(x, expert_index, expert_weight, weight, bias)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             sample, slot = torch.nonzero(expert_index == e, as_tuple=True)

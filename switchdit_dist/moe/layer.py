@@ -27,7 +27,8 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from switchdit_dist.models.experts import LocalExperts, mixed_linear, route_coefficients
+from switchdit_dist.expert_comm import check_expert_comm
+from switchdit_dist.models.experts import LocalExperts, mix_routed_experts
 from switchdit_dist.models.switch_dit import ExpertsFactory, SwitchDiTConfig
 from switchdit_dist.moe.dispatch import plan_dispatch
 from switchdit_dist.moe.experts import ExpertShard
@@ -59,10 +60,7 @@ class ExpertParallelMoE(MoE):
             raise ValueError(
                 f"num_experts={num_experts} must be divisible by the expert-parallel size ep_size={ep_size}"
             )
-        if expert_comm not in ("tokens", "weights"):
-            raise ValueError(f"expert_comm must be tokens or weights, got {expert_comm!r}")
-        if expert_comm == "weights" and kind != "linear":
-            raise ValueError(f"expert_comm=weights needs linear experts, not {kind!r} ones")
+        check_expert_comm(expert_comm, kind, allowed=("tokens", "weights"))  # auto is resolved before
         self.expert_comm = expert_comm
         # Attributes DeepSpeed's engine and checkpointing read from a MoE layer.
         self.num_experts = num_experts
@@ -169,8 +167,7 @@ class ExpertParallelMoE(MoE):
         local = self.local_experts
         weight = gather_experts(torch.stack([e.weight for e in local]), self.ep_group, self.ep_size)
         bias = gather_experts(torch.stack([e.bias for e in local]), self.ep_group, self.ep_size)
-        coeff = route_coefficients(expert_index, expert_weight, self.num_experts)
-        return mixed_linear(x, coeff, weight, bias)
+        return mix_routed_experts(x, expert_index, expert_weight, weight, bias)
 
 
 def expert_parallel_layout(module: nn.Module) -> tuple[int, int, object] | None:
@@ -183,7 +180,7 @@ def expert_parallel_layout(module: nn.Module) -> tuple[int, int, object] | None:
 
 def expert_parallel_factory(ep_size: int, expert_comm: str = "tokens") -> ExpertsFactory:
     """The ``experts_factory`` of ``SwitchDiT`` that shards each block's experts over ``ep_size``
-    ranks; ``expert_comm``: ``tokens`` or ``weights`` (see ``weight_exchange.resolve_expert_comm``)."""
+    ranks; ``expert_comm``: ``tokens`` or ``weights`` (see ``switchdit_dist.expert_comm``)."""
 
     def make(config: SwitchDiTConfig, block_index: int) -> nn.Module:
         return ExpertParallelMoE(

@@ -9,18 +9,15 @@ The experts stay DeepSpeed expert parameters on their owners (reduced over the e
 parallel group as with token dispatch), and the compute is local, so skewed routing costs no rank
 more than another.
 
-``expert_comm_bytes`` is the cost model ``auto`` decides by and ``switchdit plan`` prints.
+When to do so is ``switchdit_dist.expert_comm``'s cost model (``parallel.expert_comm``).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-EXPERT_COMMS = ("auto", "tokens", "weights")
 
 
 class _GatherExperts(torch.autograd.Function):
@@ -53,50 +50,3 @@ def gather_experts(local: torch.Tensor, group, ep_size: int) -> torch.Tensor:
     if ep_size == 1:
         return local
     return _GatherExperts.apply(local, group)
-
-
-@dataclass(frozen=True)
-class ExpertCommCost:
-    """Values one EP rank sends per direction (forward; backward moves as many) in one layer."""
-
-    tokens: int  # token dispatch: the rank's (sample, slot) blocks, (ep-1)/ep of them leave it
-    weights: int  # weight gathering: the other ranks' experts come in, (ep-1)/ep of all E
-
-    def choice(self, kind: str, ep_size: int) -> str:
-        """What ``auto`` picks: weights for linear experts (they mix; at EP 1 nothing moves and
-        one matmul replaces k) when they are no more bytes than the tokens; tokens otherwise."""
-        if kind != "linear":
-            return "tokens"
-        return "weights" if ep_size == 1 or self.weights <= self.tokens else "tokens"
-
-
-def expert_comm_bytes(
-    num_experts: int, dim: int, micro_batch: int, tokens: int, top_k: int, ep_size: int, bytes_per_value: int
-) -> ExpertCommCost:
-    """The cost model: expected bytes per direction, with uniform routing for token dispatch."""
-    leaving = (ep_size - 1) / ep_size
-    token_values = micro_batch * top_k * tokens * dim * leaving
-    weight_values = num_experts * (dim * dim + dim) * leaving
-    return ExpertCommCost(int(token_values * bytes_per_value), int(weight_values * bytes_per_value))
-
-
-def resolve_expert_comm(
-    mode: str,
-    kind: str,
-    num_experts: int,
-    dim: int,
-    micro_batch: int,
-    tokens: int,
-    top_k: int,
-    ep_size: int,
-    bytes_per_value: int,
-) -> str:
-    """``tokens`` or ``weights`` for a layer, from ``parallel.expert_comm``."""
-    if mode not in EXPERT_COMMS:
-        raise ValueError(f"parallel.expert_comm must be one of {EXPERT_COMMS}, got {mode!r}")
-    if mode == "weights" and kind != "linear":
-        raise ValueError(f"parallel.expert_comm=weights needs linear experts, model.expert_kind is {kind!r}")
-    if mode != "auto":
-        return mode
-    cost = expert_comm_bytes(num_experts, dim, micro_batch, tokens, top_k, ep_size, bytes_per_value)
-    return cost.choice(kind, ep_size)

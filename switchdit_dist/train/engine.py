@@ -44,32 +44,23 @@ def deepspeed_config(config: Config, world_size: int, precision: str) -> dict:
     return ds
 
 
-def expert_comm(config: Config, model_config, precision: str) -> str:
-    """``tokens`` or ``weights``: ``parallel.expert_comm`` resolved for this model and layout."""
-    from switchdit_dist.moe.weight_exchange import resolve_expert_comm
-
-    return resolve_expert_comm(
-        config.parallel.expert_comm,
-        model_config.expert_kind,
-        model_config.num_experts,
-        model_config.hidden_size,
-        config.train.micro_batch,
-        model_config.num_patches,
-        model_config.top_k,
-        config.parallel.ep_size,
-        2 if precision == "bf16" else 4,
-    )
-
-
 def build_engine(config: Config, model_config: DiTConfig, env: DistEnv):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     precision = resolve_precision(config, env.device)
     if config.model.is_moe:
+        from switchdit_dist.expert_comm import resolve_expert_comm
         from switchdit_dist.moe.layer import expert_parallel_factory
 
-        comm = expert_comm(config, model_config, precision)
+        value_bytes = 2 if precision == "bf16" else 4
+        comm = resolve_expert_comm(
+            config.parallel.expert_comm,
+            model_config,
+            config.train.micro_batch,
+            config.parallel.ep_size,
+            value_bytes,
+        )
         model = build_model(model_config, expert_parallel_factory(config.parallel.ep_size, comm))
     else:
         model = build_model(model_config)
