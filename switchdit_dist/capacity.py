@@ -32,8 +32,8 @@ import torch
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.experts import EXPERT_KINDS
-from switchdit_dist.models.registry import PATCH_SIZES, build_model, model_config, parse_name
-from switchdit_dist.models.switch_dit import SwitchDiTConfig
+from switchdit_dist.models.registry import PATCH_SIZES, build_model, is_moe, model_config, parse_name
+from switchdit_dist.parallel_dims import PLAN_FLAGS, ParallelDims
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 FP32 = 4
@@ -152,10 +152,6 @@ class Plan:
         return out
 
 
-def is_moe(config: DiTConfig) -> bool:
-    return isinstance(config, SwitchDiTConfig)
-
-
 # --- validation and counting --------------------------------------------------------------------
 
 
@@ -189,24 +185,19 @@ def validate(inputs: PlanInputs, hw: Hardware) -> None:
         raise UserError(
             f"zero stage must be 0, 1 or 2 (DeepSpeed's ZeRO-3 does not support MoE), got {inputs.zero_stage}"
         )
-    world, p = hw.world_size, inputs.ep_size
-    if is_moe(inputs.model):
-        e = inputs.model.num_experts
-        if e % p:
-            divisors = [d for d in range(1, e + 1) if e % d == 0]
-            raise UserError(f"ep-size {p} does not divide num_experts={e}; choose one of {divisors}")
-    elif p != 1:
-        raise UserError(f"ep-size {p} needs a mixture-of-experts model (Switch-DiT), got {inputs.name}")
-    if world % p:
-        raise UserError(
-            f"ep-size {p} does not divide the world size {hw.nodes} x {hw.gpus_per_node} = {world}"
-        )
-    if inputs.global_batch is not None and inputs.global_batch % (inputs.micro_batch * world):
-        raise UserError(
-            f"global batch {inputs.global_batch} is not a multiple of micro-batch x world size "
-            f"= {inputs.micro_batch} x {world} = {inputs.micro_batch * world}; "
-            "set --global-batch or --micro-batch"
-        )
+    world = f"(--nodes {hw.nodes} x --gpus-per-node {hw.gpus_per_node})"
+    layout_dims(inputs, hw).check(PLAN_FLAGS, world=world)
+
+
+def layout_dims(inputs: PlanInputs, hw: Hardware) -> ParallelDims:
+    m = inputs.model
+    return ParallelDims(
+        world_size=hw.world_size,
+        ep_size=inputs.ep_size,
+        num_experts=m.num_experts if is_moe(m) else 0,
+        micro_batch=inputs.micro_batch,
+        global_batch=inputs.global_batch,
+    )
 
 
 def count_params(config: DiTConfig, ep_size: int) -> ParamCounts:
@@ -237,8 +228,7 @@ def alltoall_bytes_per_block_direction(
 def ep_peer_split(ep_size: int, gpus_per_node: int, world_size: int) -> tuple[int, int]:
     """(same-node peers, other-node peers) of the busiest rank, EP groups being consecutive ranks."""
     worst = (ep_size - 1, 0)
-    for group_start in range(0, world_size, ep_size):
-        group = range(group_start, group_start + ep_size)
+    for group in ParallelDims(world_size, ep_size).ep_groups():
         for rank in group:
             same = sum(
                 1 for other in group if other != rank and other // gpus_per_node == rank // gpus_per_node
@@ -272,7 +262,8 @@ def _ring_bytes(grad_bytes: int, group: int) -> int:
 
 def estimate_gradient_reduction(params: ParamCounts, inputs: PlanInputs, hw: Hardware) -> GradientReduction:
     b = DTYPE_BYTES[inputs.dtype]
-    world, expert_dp = hw.world_size, hw.world_size // inputs.ep_size
+    dims = layout_dims(inputs, hw)
+    world, expert_dp = dims.data_parallel, dims.expert_data_parallel
     dense = _ring_bytes(params.dense_trainable * b, world)
     expert = _ring_bytes(params.experts_per_rank * b, expert_dp)
     # A ring over several nodes is limited by the network; inside one node, by NVLink.
@@ -292,7 +283,8 @@ def estimate_activations(inputs: PlanInputs) -> int:
 
 def estimate_memory(params: ParamCounts, inputs: PlanInputs, hw: Hardware) -> Memory:
     b = DTYPE_BYTES[inputs.dtype]
-    dp, expert_dp = hw.world_size, hw.world_size // inputs.ep_size
+    dims = layout_dims(inputs, hw)
+    dp, expert_dp = dims.data_parallel, dims.expert_data_parallel
 
     def partitioned(bytes_per_param: int, stage_from: int) -> int:
         """Bytes of a per-parameter state, divided over each parameter's data-parallel group
@@ -332,11 +324,10 @@ def make_plan(inputs: PlanInputs, hw: Hardware) -> Plan:
     from switchdit_dist.models.flops import forward_flops_per_image
 
     validate(inputs, hw)
-    world = hw.world_size
+    dims = layout_dims(inputs, hw)
     params = count_params(inputs.model, inputs.ep_size)
     alltoall = estimate_alltoall(inputs, hw)
     memory = estimate_memory(params, inputs, hw)
-    accumulation = inputs.global_batch // (inputs.micro_batch * world) if inputs.global_batch else 1
     # Forward + backward is about 3 forward passes.
     compute = (
         3 * forward_flops_per_image(inputs.model) * inputs.micro_batch / (hw.peak_tflops * 1e12 * hw.mfu)
@@ -344,9 +335,9 @@ def make_plan(inputs: PlanInputs, hw: Hardware) -> Plan:
     plan = Plan(
         inputs=inputs,
         hardware=hw,
-        data_parallel=world,
-        expert_data_parallel=world // inputs.ep_size,
-        grad_accumulation=accumulation,
+        data_parallel=dims.data_parallel,
+        expert_data_parallel=dims.expert_data_parallel,
+        grad_accumulation=dims.accumulation,
         tokens_per_image=inputs.model.num_patches,
         params=params,
         alltoall=alltoall,

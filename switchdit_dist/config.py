@@ -25,7 +25,8 @@ from switchdit_dist.errors import UserError
 from switchdit_dist.expert_comm import check_expert_comm
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.experts import EXPERT_KINDS
-from switchdit_dist.models.registry import ARCHS, PATCH_SIZES, SIZES, model_config
+from switchdit_dist.models.registry import ARCHS, PATCH_SIZES, SIZES, is_moe_arch, model_config
+from switchdit_dist.parallel_dims import ParallelDims
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ModelSection:
 
     @property
     def is_moe(self) -> bool:
-        return self.arch == "switch-dit"
+        return is_moe_arch(self.arch)
 
 
 @dataclass
@@ -320,24 +321,13 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
             raise UserError(f"model.expert_kind: expected one of {list(EXPERT_KINDS)}, got {m.expert_kind!r}")
         if not 1 <= m.top_k <= m.num_experts:
             raise UserError(f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
-        if m.num_experts % p.ep_size:
-            raise UserError(
-                f"parallel.ep_size={p.ep_size} does not divide model.num_experts={m.num_experts}; "
-                f"choose an expert-parallel size among {_divisors(m.num_experts)}"
-            )
-    elif p.ep_size != 1:
-        raise UserError(
-            f"parallel.ep_size={p.ep_size} needs a mixture-of-experts model (model.arch=switch-dit)"
-        )
+    if t.micro_batch < 1:
+        raise UserError(f"train.micro_batch: expected >= 1, got {t.micro_batch}")
+    ParallelDims.from_config(config, world_size).check(world="(number of processes)")
     try:
         check_expert_comm(p.expert_comm, m.expert_kind if m.is_moe else "linear")
     except ValueError as err:
         raise UserError(f"parallel.{err}") from None
-    if p.ep_size < 1 or world_size % p.ep_size:
-        raise UserError(
-            f"parallel.ep_size={p.ep_size} does not divide the world size {world_size} "
-            f"(number of processes); use a world size that is a multiple of {p.ep_size}"
-        )
     if p.zero_stage not in (0, 1, 2):
         raise UserError(
             f"parallel.zero_stage: expected 0, 1 or 2 (3 does not support MoE), got {p.zero_stage}"
@@ -346,19 +336,6 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         raise UserError(f"parallel.precision: expected auto, fp32 or bf16, got {p.precision!r}")
     if t.steps < 1:
         raise UserError(f"train.steps: expected a positive number of optimizer steps, got {t.steps}")
-    if t.micro_batch < 1:
-        raise UserError(f"train.micro_batch: expected >= 1, got {t.micro_batch}")
-    per_step = t.micro_batch * world_size
-    if t.global_batch % world_size:
-        raise UserError(
-            f"train.global_batch={t.global_batch} is not divisible by the data-parallel size {world_size}"
-        )
-    if t.global_batch % per_step:
-        raise UserError(
-            f"train.global_batch={t.global_batch} is not a multiple of "
-            "train.micro_batch x data-parallel size "
-            f"= {t.micro_batch} x {world_size} = {per_step}"
-        )
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay: expected a value in [0, 1), got {t.ema_decay}")
     if t.compile:
@@ -454,14 +431,6 @@ def _check_ranges(config: Config) -> None:
             raise UserError(
                 f"optim.betas[{i}]: expected {_FRACTION[0]}, got {beta!r} (optim.betas={betas!r})"
             )
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def grad_accumulation(config: Config, world_size: int) -> int:
-    return config.train.global_batch // (config.train.micro_batch * world_size)
 
 
 def save_resolved(config: Config, path: Path) -> None:

@@ -20,6 +20,7 @@ from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 
 from switchdit_dist.models.experts import LocalExperts, make_expert
+from switchdit_dist.parallel_dims import num_local_experts
 
 
 class FixedRoutingGate(nn.Module):
@@ -72,11 +73,9 @@ class DeepSpeedStockExperts(nn.Module):
         self, dim: int, num_experts: int, ep_size: int = 1, kind: str = "linear", mlp_ratio: float = 4.0
     ):
         super().__init__()
-        if num_experts % ep_size:
-            raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
         self.num_experts = num_experts
         self.ep_size = ep_size
-        self.num_local_experts = num_experts // ep_size
+        self.num_local_experts = num_local_experts(num_experts, ep_size)
         group_name = f"ep_size_{ep_size}"
         self.gate = FixedRoutingGate(num_experts)
         experts = Experts(make_expert(kind, dim, mlp_ratio), self.num_local_experts, group_name)

@@ -42,11 +42,9 @@ from torch.utils._pytree import tree_flatten
 
 from switchdit_dist.devices import matmul_peak_tflops, resolve_device, synchronize
 from switchdit_dist.errors import UserError
-from switchdit_dist.models.registry import SIZES, build_model, model_config
+from switchdit_dist.models.registry import ARCHS, NAMES, SIZES, build_model, model_config
 from switchdit_dist.train.step import Draws, Objective, draw
 
-ARCHS = ("dit", "switch-dit")
-NAMES = {"dit": "DiT", "switch-dit": "Switch-DiT"}
 PRECISIONS = ("fp32", "bf16")
 SDPA_CHOICES = ("auto", "math")
 

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from switchdit_dist.errors import UserError
-from switchdit_dist.export.load import arch_of, check_state_dict, save_model_file
+from switchdit_dist.export.load import check_state_dict, save_model_file
 from switchdit_dist.export.safe_load import is_safetensors_file, safe_load
 from switchdit_dist.models.dit import DiTConfig, sincos_pos_embed_2d
 from switchdit_dist.models.experts import EXPERT_KINDS, LocalExperts
-from switchdit_dist.models.registry import SIZES, build_model
+from switchdit_dist.models.registry import SIZES, arch_of, build_model, is_moe
 from switchdit_dist.models.switch_dit import SwitchDiTConfig, TimestepRouter
 
 SOURCE_FORMATS = ("dit", "switch-dit")
@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     result = import_file(args.input, args.output, options)
     c = result.config
     params = sum(t.numel() for t in result.state_dict.values())
-    experts = f", {c.num_experts} experts top-{c.top_k}" if isinstance(c, SwitchDiTConfig) else ""
+    experts = f", {c.num_experts} experts top-{c.top_k}" if is_moe(c) else ""
     print(
         f"imported {arch_of(c)} ({result.metadata['source_weights']} weights): depth {c.depth}, hidden "
         f"{c.hidden_size}, heads {c.num_heads}, patch {c.patch_size}, input {c.input_size}, "

@@ -20,17 +20,11 @@ import torch
 
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.dit import DiT, DiTConfig
-from switchdit_dist.models.registry import build_model
-from switchdit_dist.models.switch_dit import SwitchDiTConfig
+from switchdit_dist.models.registry import ARCH_CONFIGS, arch_of, build_model
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "switchdit_config"
 VERSION_KEY = "switchdit_format_version"
-ARCH_CONFIGS: dict[str, type[DiTConfig]] = {"dit": DiTConfig, "switch-dit": SwitchDiTConfig}
-
-
-def arch_of(config: DiTConfig) -> str:
-    return "switch-dit" if isinstance(config, SwitchDiTConfig) else "dit"
 
 
 def config_to_json(config: DiTConfig) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from switchdit_dist.errors import UserError
+from switchdit_dist.parallel_dims import ParallelDims
 
 if TYPE_CHECKING:  # the config module imports torch; `switchdit submit --help` should not
     from switchdit_dist.config import Config
@@ -109,38 +110,6 @@ def parse_time_limit(text: str) -> int | None:
     )
 
 
-def check_expert_layout(ep_size: int, ranks_per_node: int, nodes: int) -> str | None:
-    """Expert-parallel groups are consecutive ranks: each lies inside one node or spans whole nodes,
-    never part of one. Returns a warning for groups that span nodes.
-
-    Their all-to-all moves every token several times per block: inside a node that costs
-    milliseconds, across nodes it can cost more than the step's compute (see ``switchdit plan``).
-    """
-    world = nodes * ranks_per_node
-    if world % ep_size:
-        raise UserError(
-            f"parallel.ep_size={ep_size} does not divide the world size {world} "
-            f"(--nodes {nodes} x {ranks_per_node} ranks per node)"
-        )
-    if ep_size > ranks_per_node:
-        if ep_size % ranks_per_node:
-            raise UserError(
-                f"parallel.ep_size={ep_size} is not a multiple of the {ranks_per_node} ranks per node: some "
-                f"expert-parallel group would hold part of a node; use a multiple of {ranks_per_node}"
-            )
-        return (
-            f"parallel.ep_size={ep_size} is larger than the {ranks_per_node} ranks per node: each "
-            f"expert-parallel group spans {ep_size // ranks_per_node} nodes, so every MoE layer's all-to-all "
-            "crosses the network (`switchdit plan` estimates its cost)"
-        )
-    if ranks_per_node % ep_size:
-        raise UserError(
-            f"{ranks_per_node} ranks per node is not a multiple of parallel.ep_size={ep_size}: some "
-            f"expert-parallel group would span two nodes; use a multiple of {ep_size} per node"
-        )
-    return None
-
-
 def _check_path(path: Path, what: str) -> None:
     if _UNSAFE.search(str(path)):
         raise UserError(
@@ -199,7 +168,9 @@ def check_submit_config(sub: SubmitConfig) -> Config:
 
     config = load_config(sub.config, sub.overrides)
     validate(config, sub.world_size, check_data=False)
-    warning = check_expert_layout(config.parallel.ep_size, sub.ranks_per_node, sub.nodes)
+    # Expert-parallel groups are consecutive ranks: inside one node their all-to-all costs
+    # milliseconds, across nodes it can cost more than the step's compute (see `switchdit plan`).
+    warning = ParallelDims.from_config(config, sub.world_size).check_nodes(sub.ranks_per_node)
     if warning:
         print(f"switchdit submit: warning: {warning}", file=sys.stderr)
     # The shards are read from the same (shared) filesystem by the job: missing ones fail here.

@@ -7,7 +7,7 @@ is usual for MFU; attention's two L x L products are counted.
 from __future__ import annotations
 
 from switchdit_dist.models.dit import DiTConfig
-from switchdit_dist.models.switch_dit import SwitchDiTConfig
+from switchdit_dist.models.registry import is_moe
 
 
 def forward_flops_per_image(config: DiTConfig) -> float:
@@ -19,7 +19,7 @@ def forward_flops_per_image(config: DiTConfig) -> float:
     per_block = tokens * (4 * d * d + 2 * d * int(d * config.mlp_ratio))  # qkv + proj + MLP
     per_block += 2 * tokens * tokens * d  # scores and weighted values
     per_block += 6 * d * d  # adaLN modulation
-    if isinstance(config, SwitchDiTConfig):
+    if is_moe(config):
         if config.expert_kind == "linear":
             expert_macs = tokens * d * d
         else:

@@ -16,7 +16,24 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (2, 4, 8)
-ARCHS = ("dit", "switch-dit")
+# The architectures by their config and file name; Switch-DiT is the mixture-of-experts one.
+ARCH_CONFIGS: dict[str, type[DiTConfig]] = {"dit": DiTConfig, "switch-dit": SwitchDiTConfig}
+ARCHS = tuple(ARCH_CONFIGS)
+NAMES = {"dit": "DiT", "switch-dit": "Switch-DiT"}
+
+
+def is_moe(config: DiTConfig) -> bool:
+    """Whether a model has mixture-of-experts blocks (the one test of it; arch names go through
+    ``is_moe_arch``)."""
+    return isinstance(config, SwitchDiTConfig)
+
+
+def is_moe_arch(arch: str) -> bool:
+    return issubclass(ARCH_CONFIGS[arch], SwitchDiTConfig)
+
+
+def arch_of(config: DiTConfig) -> str:
+    return "switch-dit" if is_moe(config) else "dit"
 
 
 def model_config(arch: str, size: str, patch_size: int = 2, **overrides) -> DiTConfig:
@@ -26,7 +43,7 @@ def model_config(arch: str, size: str, patch_size: int = 2, **overrides) -> DiTC
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     depth, hidden, heads = SIZES[size]
-    cls = SwitchDiTConfig if arch == "switch-dit" else DiTConfig
+    cls = ARCH_CONFIGS[arch]
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -39,7 +56,7 @@ def parse_name(name: str) -> tuple[str, str, int]:
     try:
         prefix, patch = name.rsplit("/", 1)
         arch_part, size = prefix.rsplit("-", 1)
-        arch = {"dit": "dit", "switch-dit": "switch-dit"}[arch_part.lower()]
+        arch = {name.lower(): a for a, name in NAMES.items()}[arch_part.lower()]
         if size not in SIZES:
             raise KeyError(size)
         return arch, size, int(patch)
@@ -48,6 +65,6 @@ def parse_name(name: str) -> tuple[str, str, int]:
 
 
 def build_model(config: DiTConfig, experts_factory: ExpertsFactory = local_experts_factory) -> DiT:
-    if isinstance(config, SwitchDiTConfig):
+    if is_moe(config):
         return SwitchDiT(config, experts_factory)
     return DiT(config)

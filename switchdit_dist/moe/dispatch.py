@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from switchdit_dist.parallel_dims import num_local_experts
+
 
 class _AllToAllVariable(torch.autograd.Function):
     """``all_to_all_single`` along dim 0 with uneven splits; its gradient is the reverse exchange."""
@@ -120,9 +122,7 @@ def plan_dispatch(
     """
     if expert_index.dim() != 2:
         raise ValueError(f"expert_index must be [batch, k], got shape {tuple(expert_index.shape)}")
-    if num_experts % ep_size:
-        raise ValueError(f"num_experts={num_experts} must be divisible by ep_size={ep_size}")
-    num_local = num_experts // ep_size
+    num_local = num_local_experts(num_experts, ep_size)
     flat = expert_index.reshape(-1).long()
     if expert_counts is None:
         send_counts, recv_counts = _exchange_counts(flat, num_experts, ep_size, group)

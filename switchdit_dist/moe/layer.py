@@ -33,6 +33,7 @@ from switchdit_dist.models.switch_dit import ExpertsFactory, SwitchDiTConfig
 from switchdit_dist.moe.dispatch import plan_dispatch
 from switchdit_dist.moe.experts import ExpertShard
 from switchdit_dist.moe.weight_exchange import gather_experts
+from switchdit_dist.parallel_dims import num_local_experts
 from switchdit_dist.train import deepspeed_adapter as ds
 
 
@@ -56,16 +57,13 @@ class ExpertParallelMoE(MoE):
         expert_comm: str = "tokens",
     ):
         nn.Module.__init__(self)
-        if ep_size < 1 or num_experts % ep_size:
-            raise ValueError(
-                f"num_experts={num_experts} must be divisible by the expert-parallel size ep_size={ep_size}"
-            )
+        num_local = num_local_experts(num_experts, ep_size)
         check_expert_comm(expert_comm, kind, allowed=("tokens", "weights"))  # auto is resolved before
         self.expert_comm = expert_comm
         # Attributes DeepSpeed's engine and checkpointing read from a MoE layer.
         self.num_experts = num_experts
         self.ep_size = ep_size
-        self.num_local_experts = num_experts // ep_size
+        self.num_local_experts = num_local
         self.expert_group_name = f"ep_size_{ep_size}"
         self.enable_expert_tensor_parallelism = False
         self.use_residual = False

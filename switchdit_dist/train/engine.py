@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from switchdit_dist.config import Config, grad_accumulation
+from switchdit_dist.config import Config
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.registry import build_model
+from switchdit_dist.parallel_dims import ParallelDims
 from switchdit_dist.train.checkpoint import ExpertPlacement
 from switchdit_dist.train.distributed import DistEnv
 from switchdit_dist.train.finite_guard import make_guarded
@@ -31,7 +32,7 @@ def deepspeed_config(config: Config, world_size: int, precision: str) -> dict:
     ds = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": grad_accumulation(config, world_size),
+        "gradient_accumulation_steps": ParallelDims.from_config(config, world_size).accumulation,
         "zero_optimization": {"stage": config.parallel.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

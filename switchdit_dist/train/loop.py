@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from switchdit_dist.checkpoint.schema import CheckpointMeta
-from switchdit_dist.config import Config, grad_accumulation, save_resolved
+from switchdit_dist.config import Config, save_resolved
 from switchdit_dist.devices import matmul_peak_tflops
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.flops import train_flops_per_image
+from switchdit_dist.parallel_dims import ParallelDims
 from switchdit_dist.train import checkpoint as ckpt
 from switchdit_dist.train import comm, resume_config
 from switchdit_dist.train.distributed import DistEnv
@@ -59,7 +60,8 @@ class Trainer:
         from switchdit_dist.diffusion import create_diffusion
 
         cfg, env = self.config, self.env
-        self.accum = grad_accumulation(cfg, env.world_size)
+        self.dims = ParallelDims.from_config(cfg, env.world_size)
+        self.accum = self.dims.accumulation
         self.model_config = cfg.model.build_config()
         self.diffusion = create_diffusion(
             timestep_respacing="",

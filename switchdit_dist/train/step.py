@@ -24,7 +24,8 @@ import torch
 
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.prior import DiffusionPriorLoss, jensen_shannon, match_units
-from switchdit_dist.models.switch_dit import Routes, SwitchDiTConfig
+from switchdit_dist.models.registry import is_moe
+from switchdit_dist.models.switch_dit import Routes
 from switchdit_dist.train import comm
 
 
@@ -90,7 +91,7 @@ class Objective:
         self.diffusion = diffusion
         self.model_config = model_config
         self.input_dtype = input_dtype
-        self.is_moe = isinstance(model_config, SwitchDiTConfig)
+        self.is_moe = is_moe(model_config)
         self.prior_weight = model_config.prior_loss_weight if self.is_moe else 0.0
         self.prior = None
         if self.is_moe and self.prior_weight > 0:
