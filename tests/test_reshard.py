@@ -129,22 +129,14 @@ def resume_worker(rank: int, world: int, run_dir: str, overrides: list[str], wit
     config = load_config(CONFIG, overrides)
     validate(config, world)
     env = distributed.setup(config.parallel.backend, config.parallel.timeout_s)
-    trainer = Trainer(config, Path(run_dir), env)
-    captured: dict = {}
-    resume = trainer._resume
-
-    def resume_and_capture() -> int:
-        step = resume()
-        placement = trainer.placement
-        captured["step"] = step
-        captured["state"] = engine_full_state(trainer.engine, placement)
-        captured["ema"] = {
-            param_names.to_global(n, placement.ep_rank, placement.num_local_experts): v.clone()
-            for n, v in trainer.ema.state_dict().items()
-        }
-        return step
-
-    trainer._resume = resume_and_capture
+    trainer = Trainer(config, Path(run_dir), env)  # built and resumed
+    placement = trainer.placement
+    captured: dict = {"step": trainer.start_step}
+    captured["state"] = engine_full_state(trainer.engine, placement)
+    captured["ema"] = {
+        param_names.to_global(n, placement.ep_rank, placement.num_local_experts): v.clone()
+        for n, v in trainer.ema.state_dict().items()
+    }
     assert trainer.run() == 0
     if with_outputs:
         module = trainer.module.eval()

@@ -19,7 +19,6 @@ from switchdit_dist.models.prior import DiffusionPriorLoss
 from switchdit_dist.models.switch_dit import Routes, SwitchDiT, SwitchDiTConfig
 from switchdit_dist.moe.layer import expert_parallel_factory
 from switchdit_dist.train import step as step_module
-from switchdit_dist.train.distributed import DistEnv
 from switchdit_dist.train.metrics import IntervalStats
 from switchdit_dist.train.step import Draws, MicroPlan, Objective, draw
 
@@ -219,7 +218,8 @@ class RecordingEngine:
 
 def test_trainer_validation_and_bench_compute_the_same_loss(monkeypatch, tmp_path):
     from switchdit_dist.bench.train import TINY, StepInputs, TrainBenchConfig, TrainStep
-    from switchdit_dist.train.loop import Trainer
+    from switchdit_dist.train.faults import FaultInjector
+    from switchdit_dist.train.loop import StepRunner
     from switchdit_dist.train.validation import FixedBatch, Validator
 
     # The prior matching breaks ties with a permutation each caller seeds its own way; fix it.
@@ -240,16 +240,28 @@ def test_trainer_validation_and_bench_compute_the_same_loss(monkeypatch, tmp_pat
 
     bench_loss = bench.loss(StepInputs(x0, y, draws, prior_seed=0))
 
-    trainer = Trainer(Config(), tmp_path, DistEnv(0, 1, 0, torch.device("cpu")))
-    trainer.accum, trainer.model_config = 1, model_config
-    trainer.objective = Objective(create_diffusion(), model_config)
-    trainer.module, trainer.engine = model, RecordingEngine(model)
-    trainer.guard = SimpleNamespace(last_step_skipped=False)
+    config = Config()
+    trainer = StepRunner(
+        engine=RecordingEngine(model),
+        module=model,
+        objective=Objective(create_diffusion(), model_config),
+        guard=SimpleNamespace(last_step_skipped=False),
+        faults=FaultInjector(0),
+        seed=config.train.seed,
+        rank=0,
+        accum=1,
+        micro_batch=4,
+        latent_shape=(4, 8, 8),
+        num_timesteps=1000,
+        class_dropout_prob=model_config.class_dropout_prob,
+        device=torch.device("cpu"),
+    )
     stats = IntervalStats(1000, model_config.depth, model_config.num_experts)
     batch = SimpleNamespace(latent=x0, cls=y, keys=[f"k{i}" for i in range(4)])
-    plan = trainer._plan(1, [draws])
-    trainer._micro_step(batch, draws, plan[0], 1, 0, stats)
+    plan = trainer.plan(1, [draws])
+    returned = trainer.micro_step(batch, draws, plan[0], 1, 0, stats)
     [trainer_loss] = trainer.engine.losses
+    assert returned.item() == trainer_loss.item()
 
     validator = Validator.of_batches([FixedBatch(x0, y, draws.t, draws.noise)], num_timesteps=1000, seed=0)
     record = validator.evaluate(copy.deepcopy(bench.model), trainer.objective)

@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         lock = claimed[0] if claimed is not None else run_lock.RunLock.join(run_dir)
     except UserError as err:
         print(f"switchdit train: error (rank {env.rank}): {err}", file=sys.stderr, flush=True)
+        distributed.teardown(barrier=False)
         return 2
     if claimed is not None:
         plan = claimed[1]
@@ -164,9 +165,13 @@ def run(args: argparse.Namespace) -> int:
             hosts = " ".join(f"{r}:{host}" for r, (host, _) in sorted(heartbeat.hosts().items()))
             print(f"ranks on hosts (rank:host): {hosts}", flush=True)
     try:
-        code = Trainer(config, run_dir, env).run()
+        trainer = Trainer(config, run_dir, env)  # builds and resumes
+        code = trainer.run()
     except UserError as err:
         _report(err, env.rank, env.world_size)
+        if heartbeat is not None:
+            heartbeat.stop()
+        distributed.teardown(barrier=False)  # a peer that did not fail may not reach a barrier
         return 2
     except Exception as err:
         # A collective fails when a peer died or stopped; name it instead of the socket error.

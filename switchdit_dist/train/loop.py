@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,82 @@ from switchdit_dist.train.signals import EXIT_CODES, StopRequest
 from switchdit_dist.train.step import Draws, MicroPlan, Objective, draw
 
 
+@dataclass
+class StepRunner:
+    """The micro-steps of one optimizer step: their random draws, the step's routes and prior
+    matching, and forward, backward and optimizer step on the engine. Built by the trainer; tests
+    build it from parts."""
+
+    engine: Any  # a DeepSpeed engine, or anything with __call__, backward and step
+    module: torch.nn.Module
+    objective: Objective
+    guard: Any  # the optimizer guard: says whether the last step was skipped
+    faults: FaultInjector
+    seed: int
+    rank: int
+    accum: int
+    micro_batch: int
+    latent_shape: tuple[int, int, int]
+    num_timesteps: int
+    class_dropout_prob: float
+    device: torch.device
+    # This step's micro-batches, kept as tensors: read only if the step turns out to be skipped.
+    nonfinite_batch: list[dict] = field(default_factory=list)
+
+    def draws(self, step: int, micro: int) -> Draws:
+        slot = self.rank * self.accum + micro
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, step, slot))
+        return draw(
+            generator, self.micro_batch, self.latent_shape, self.num_timesteps, self.class_dropout_prob
+        )
+
+    def plan(self, step: int, draws: list[Draws]) -> list[MicroPlan] | None:
+        """Routes and prior matching of the whole step, before its first forward (one device read)."""
+        rng = np.random.default_rng(derive_seed(self.seed, step, 2))
+        return self.objective.plan(self.module, [d.t for d in draws], rng)
+
+    def micro_step(
+        self, batch, draws: Draws, plan: MicroPlan | None, step: int, micro: int, stats: IntervalStats
+    ) -> torch.Tensor:
+        """One micro-batch's forward, backward and (at the accumulation boundary) optimizer step;
+        returns its loss (detached)."""
+        inputs = self.objective.inputs(batch.latent, batch.cls, draws, self.device)
+        terms = self.objective(self.engine, inputs, plan)
+        loss = terms.loss
+        if self.faults.active("nan", step):
+            loss = loss * float("nan")
+        self.engine.backward(loss)
+        self.faults.during_step(step)
+        self.guard.last_step_skipped = False
+        self.engine.step()
+        loss = loss.detach()
+        self.nonfinite_batch.append({"micro": micro, "t": draws.t, "keys": list(batch.keys), "loss": loss})
+        stats.add_micro(terms.per_sample, terms.prior, inputs.t, None if plan is None else plan.route_counts)
+        return loss
+
+
 class Trainer:
+    """A training job's rank, built and resumed by the constructor (data, model, engine, EMA,
+    checkpoints; ``start_step`` is where it continues); ``run()`` trains to ``train.steps``."""
+
     def __init__(self, config: Config, run_dir: Path, env: DistEnv):
         self.config = config
         self.run_dir = Path(run_dir)
         self.env = env
         self.faults = FaultInjector(env.rank)
         self.skipped_total = 0
-        self.nonfinite_batch: list[dict] = []
         self.stop = StopRequest()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._build()
+        self.start_step = self._resume()
+        if self.start_step > 0:  # the restored optimizer holds the checkpoint's lr, betas, eps and decay
+            resume_config.apply_optimizer_settings(self.engine, config)
+        if env.is_main:
+            save_resolved(config, self.run_dir / "config.yaml")
 
     # --- set-up ----------------------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def _build(self) -> None:
         from switchdit_dist.data.loader import LatentLoader
         from switchdit_dist.diffusion import create_diffusion
 
@@ -90,6 +154,21 @@ class Trainer:
         self.ema = EMA.from_engine(self.engine, cfg.train.ema_decay)
         input_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.objective = Objective(self.diffusion, self.model_config, input_dtype)
+        self.steps = StepRunner(
+            engine=self.engine,
+            module=self.module,
+            objective=self.objective,
+            guard=self.guard,
+            faults=self.faults,
+            seed=cfg.train.seed,
+            rank=env.rank,
+            accum=self.accum,
+            micro_batch=cfg.train.micro_batch,
+            latent_shape=expected,
+            num_timesteps=cfg.diffusion.num_timesteps,
+            class_dropout_prob=self.model_config.class_dropout_prob,
+            device=env.device,
+        )
         self.checkpoints = ckpt.CheckpointManager(
             self.run_dir, env.rank, env.world_size, cfg.checkpoint, comm.new_cpu_group(cfg.parallel.timeout_s)
         )
@@ -136,55 +215,11 @@ class Trainer:
             )
         return resumed.step
 
-    # --- one step --------------------------------------------------------------------------
-
-    def _draws(self, step: int, micro: int) -> Draws:
-        cfg = self.config
-        slot = self.env.rank * self.accum + micro
-        generator = torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, slot))
-        latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-        return draw(
-            generator,
-            cfg.train.micro_batch,
-            latent_shape,
-            cfg.diffusion.num_timesteps,
-            self.model_config.class_dropout_prob,
-        )
-
-    def _plan(self, step: int, draws: list[Draws]) -> list[MicroPlan] | None:
-        """Routes and prior matching of the whole step, before its first forward (one device read)."""
-        rng = np.random.default_rng(derive_seed(self.config.train.seed, step, 2))
-        return self.objective.plan(self.module, [d.t for d in draws], rng)
-
-    def _micro_step(
-        self, batch, draws: Draws, plan: MicroPlan | None, step: int, micro: int, stats: IntervalStats
-    ) -> None:
-        inputs = self.objective.inputs(batch.latent, batch.cls, draws, self.env.device)
-        terms = self.objective(self.engine, inputs, plan)
-        loss = terms.loss
-        if self.faults.active("nan", step):
-            loss = loss * float("nan")
-        self.engine.backward(loss)
-        self.faults.during_step(step)
-        self.guard.last_step_skipped = False
-        self.engine.step()
-        # Kept as tensors: read only if the step turns out to be skipped.
-        self.nonfinite_batch.append(
-            {"micro": micro, "t": draws.t, "keys": list(batch.keys), "loss": loss.detach()}
-        )
-        stats.add_micro(terms.per_sample, terms.prior, inputs.t, None if plan is None else plan.route_counts)
-
     # --- the loop --------------------------------------------------------------------------
 
     def run(self) -> int:
         cfg, env = self.config, self.env
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._setup()
-        step = self._resume()
-        if step > 0:  # the restored optimizer holds the checkpoint's lr, betas, eps and decay
-            resume_config.apply_optimizer_settings(self.engine, cfg)
-        if env.is_main:
-            save_resolved(cfg, self.run_dir / "config.yaml")
+        step = self.start_step
         writer = MetricsWriter(
             self.run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.progress, cfg.train.steps, step
         )
@@ -203,10 +238,10 @@ class Trainer:
         try:
             while step < cfg.train.steps:
                 step += 1
-                self.nonfinite_batch = []
+                self.steps.nonfinite_batch = []
                 plan_start = time.perf_counter()
-                draws = [self._draws(step, micro) for micro in range(self.accum)]
-                plan = self._plan(step, draws)
+                draws = [self.steps.draws(step, micro) for micro in range(self.accum)]
+                plan = self.steps.plan(step, draws)
                 stats.compute += time.perf_counter() - plan_start
                 for micro in range(self.accum):
                     wait_start = time.perf_counter()
@@ -216,7 +251,7 @@ class Trainer:
                     if cfg.logging.record_keys:
                         self._record_keys(step, micro, batch.keys)
                     micro_plan = None if plan is None else plan[micro]
-                    self._micro_step(batch, draws[micro], micro_plan, step, micro, stats)
+                    self.steps.micro_step(batch, draws[micro], micro_plan, step, micro, stats)
                     stats.compute += time.perf_counter() - compute_start
                 if self._step_was_skipped():
                     consecutive_skips += 1
@@ -285,7 +320,9 @@ class Trainer:
     def _report_nonfinite(self, step: int, writer: MetricsWriter) -> None:
         """Every rank records its own batch (timesteps, sample keys) of the skipped step."""
         self.skipped_total += 1
-        micro_batches = [{**m, "t": m["t"].tolist(), "loss": float(m["loss"])} for m in self.nonfinite_batch]
+        micro_batches = [
+            {**m, "t": m["t"].tolist(), "loss": float(m["loss"])} for m in self.steps.nonfinite_batch
+        ]
         record = {"step": step, "rank": self.env.rank, "micro_batches": micro_batches}
         with open(self.run_dir / "nonfinite.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
