@@ -39,7 +39,7 @@ HOST_IFNAME = "sl0"
 # Slurm declares a silent slurmd DOWN after this long (default 300 s on real clusters). It must
 # exceed the batch script's grace (SWITCHDIT_SRUN_GRACE_SECONDS) for a lost host, as on real
 # clusters: a job Slurm sees fail with its node is requeued by Slurm before the script can record it.
-SLURMD_TIMEOUT_S = 60
+SLURMD_TIMEOUT_S = 30
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
