@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import": ("switchdit_dist.export.importer", "convert public DiT / Switch-DiT weights"),
     "sample": ("switchdit_dist.sampling.command", "sample an image grid from an exported model"),
     "eval": ("switchdit_dist.eval.command", "score samples (digits classifier, FID plumbing)"),
-    "bench": ("switchdit_dist.bench.command", "benchmarks (moe, data, train, ckpt)"),
+    "bench": ("switchdit_dist.bench.command", "benchmarks (moe, data, train, ckpt, placement)"),
     "plan": ("switchdit_dist.capacity", "estimate communication and memory before launching"),
 }
 

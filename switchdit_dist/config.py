@@ -27,6 +27,7 @@ from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.experts import EXPERT_KINDS
 from switchdit_dist.models.registry import ARCHS, PATCH_SIZES, SIZES, is_moe_arch, model_config
 from switchdit_dist.parallel_dims import ParallelDims
+from switchdit_dist.sample_placement import PLACEMENTS
 
 
 @dataclass
@@ -80,6 +81,9 @@ class ParallelSection:
     # how samples meet experts: tokens (all-to-all of the routed tokens), weights (all-gather of the
     # linear experts, mixed per sample), auto (weights for linear experts when no more bytes)
     expert_comm: str = "auto"
+    # which rank trains which of the global batch's timesteps: random (each slot its own draw) or
+    # route_aware (the same timesteps dealt to the ranks of their experts; sample_placement.py)
+    placement: str = "random"
     zero_stage: int = 2  # 0, 1 or 2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU), gloo, nccl
@@ -328,6 +332,12 @@ def validate(config: Config, world_size: int, check_data: bool = True) -> None:
         check_expert_comm(p.expert_comm, m.expert_kind if m.is_moe else "linear")
     except ValueError as err:
         raise UserError(f"parallel.{err}") from None
+    if p.placement not in PLACEMENTS:
+        raise UserError(f"parallel.placement: expected one of {', '.join(PLACEMENTS)}, got {p.placement!r}")
+    if p.placement == "route_aware" and not m.is_moe:
+        raise UserError(
+            "parallel.placement=route_aware needs a mixture-of-experts model (model.arch=switch-dit)"
+        )
     if p.zero_stage not in (0, 1, 2):
         raise UserError(
             f"parallel.zero_stage: expected 0, 1 or 2 (3 does not support MoE), got {p.zero_stage}"

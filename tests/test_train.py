@@ -223,6 +223,22 @@ def test_sigterm_during_step_7_checkpoints_and_resumes_exactly(run_a, tmp_path, 
         assert len(flat) == len(set(flat)) == 12 * 8  # no sample repeated within the epoch
 
 
+def test_route_aware_placement_resumes_exactly(tmp_path, digits):
+    """parallel.placement=route_aware deals the timesteps from the router's state: a run stopped at
+    step 4 and resumed repeats the uninterrupted run's losses and final state."""
+    options = ("parallel.placement=route_aware", "train.steps=6")
+    full = launch(tmp_path / "P", digits, *options)
+    assert full.returncode == 0, failure(full)
+    stopped = launch(tmp_path / "Q", digits, *options, fault="sigterm@4:0")
+    assert "stopping after step 4" in stopped.stdout + stopped.stderr, failure(stopped)
+    assert latest(tmp_path / "Q") == "step_00000004"
+    resumed = launch(tmp_path / "Q", digits, *options)
+    assert resumed.returncode == 0, failure(resumed)
+    a, c = losses_by_step(tmp_path / "P"), losses_by_step(tmp_path / "Q")
+    assert sorted(a) == list(range(1, 7)) and [c[s] for s in (5, 6)] == [a[s] for s in (5, 6)]
+    assert_same_state(final_state(tmp_path / "P"), final_state(tmp_path / "Q"))
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_crash_while_writing_checkpoint_keeps_previous(run_a, tmp_path, digits, mode):
     """Every rank dies after the step-6 data files are written, before the checkpoint is complete:

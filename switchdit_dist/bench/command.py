@@ -1,5 +1,5 @@
-"""``switchdit bench {moe,data,train,ckpt}``: each benchmark lives in its own module of this package,
-which provides ``add_arguments(parser)`` and ``run(args)``."""
+"""``switchdit bench {moe,data,train,ckpt,placement}``: each benchmark lives in its own module of
+this package, which provides ``add_arguments(parser)`` and ``run(args)``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ BENCHMARKS = {
     "data": ("switchdit_dist.bench.data", "loader throughput per worker vs one training step's needs"),
     "train": ("switchdit_dist.bench.train", "training-step throughput, DiT vs Switch-DiT (and MFU on GPU)"),
     "ckpt": ("switchdit_dist.bench.ckpt", "checkpoint bytes on disk and training time blocked per save"),
+    "placement": (
+        "switchdit_dist.bench.placement",
+        "all-to-all bytes per step, parallel.placement random vs route_aware",
+    ),
 }
 
 

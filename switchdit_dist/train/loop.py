@@ -32,6 +32,7 @@ from switchdit_dist.devices import matmul_peak_tflops
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.flops import train_flops_per_image
 from switchdit_dist.parallel_dims import ParallelDims
+from switchdit_dist.sample_placement import owner_table, route_aware, slot_timesteps
 from switchdit_dist.train import checkpoint as ckpt
 from switchdit_dist.train import comm, resume_config
 from switchdit_dist.train.distributed import DistEnv
@@ -63,6 +64,10 @@ class StepRunner:
     num_timesteps: int
     class_dropout_prob: float
     device: torch.device
+    placement: str = "random"  # parallel.placement (sample_placement.py)
+    world_size: int = 1
+    ep_size: int = 1
+    num_local_experts: int = 1
     # This step's micro-batches, kept as tensors: read only if the step turns out to be skipped.
     nonfinite_batch: list[dict] = field(default_factory=list)
 
@@ -72,6 +77,22 @@ class StepRunner:
         return draw(
             generator, self.micro_batch, self.latent_shape, self.num_timesteps, self.class_dropout_prob
         )
+
+    def place(self, step: int, draws: list[Draws]) -> list[Draws]:
+        """Under ``route_aware`` placement this rank's micro-batches train the timesteps the
+        placement deals them (their noise and label dropout stay): every rank computes the same
+        deal from the replicated router, with one device read and no communication."""
+        if self.placement != "route_aware":
+            return draws
+        num_timesteps = self.num_timesteps
+        with torch.no_grad():
+            table = self.module.route_table(torch.arange(num_timesteps, device=self.device)).cpu()
+        owners = owner_table(table, self.num_local_experts)
+        slots = self.world_size * self.accum
+        drawn = slot_timesteps(self.seed, step, slots, self.micro_batch, num_timesteps)
+        placed = route_aware(drawn, owners, self.ep_size, self.accum)
+        mine = placed[self.rank * self.accum : (self.rank + 1) * self.accum]
+        return [Draws(mine[m], d.noise, d.drop) for m, d in enumerate(draws)]
 
     def plan(self, step: int, draws: list[Draws]) -> list[MicroPlan] | None:
         """Routes and prior matching of the whole step, before its first forward (one device read)."""
@@ -168,6 +189,10 @@ class Trainer:
             num_timesteps=cfg.diffusion.num_timesteps,
             class_dropout_prob=self.model_config.class_dropout_prob,
             device=env.device,
+            placement=cfg.parallel.placement,
+            world_size=env.world_size,
+            ep_size=cfg.parallel.ep_size,
+            num_local_experts=max(self.dims.num_local_experts, 1),
         )
         self.checkpoints = ckpt.CheckpointManager(
             self.run_dir, env.rank, env.world_size, cfg.checkpoint, comm.new_cpu_group(cfg.parallel.timeout_s)
@@ -241,6 +266,7 @@ class Trainer:
                 self.steps.nonfinite_batch = []
                 plan_start = time.perf_counter()
                 draws = [self.steps.draws(step, micro) for micro in range(self.accum)]
+                draws = self.steps.place(step, draws)
                 plan = self.steps.plan(step, draws)
                 stats.compute += time.perf_counter() - plan_start
                 for micro in range(self.accum):
