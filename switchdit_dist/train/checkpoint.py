@@ -123,6 +123,10 @@ class CheckpointManager:
         """Write the checkpoint of ``step`` on every rank (collective). ``wait``: return only once
         it is complete, also when saving asynchronously (the last save of a run, a stop)."""
         earlier = self._settle(self.writer.wait())
+        if earlier is not None and self.section.on_write_error == "stop":
+            # The run stops on the earlier failure: starting this save would leave it in flight
+            # (a partial directory) when the process exits. Every rank has the same outcome.
+            return SaveReport(ok=False, failed_step=earlier.step, error=earlier.error)
         entries = engine_state.engine_entries(engine, placement)
         state = {**entries.state, **engine_state.ema_entries(ema_state, placement)}
         state[rank_key(self.rank)] = RankState(loader=loader_state, rng=rng_state()).encode()

@@ -315,6 +315,11 @@ class Trainer:
                     exit_code = EXIT_CODES[signum]
                     writer.message(f"stopping after step {step} on signal {signum}; checkpoint written")
                     break
+        except UserError:
+            # A save still in flight finishes (or names its failure) before the run stops; its
+            # collectives run on the checkpoint group beside the loop's, so no rank waits on this one.
+            self.checkpoints.finish()
+            raise
         finally:
             self.stop.uninstall()
             writer.close()
