@@ -43,10 +43,15 @@ def owner_table(route_table: torch.Tensor, num_local: int) -> np.ndarray:
     return (route_table.reshape(route_table.shape[0], -1) // num_local).numpy()
 
 
+def _slot_ep_ranks(slots: int, accum: int, ep_size: int) -> np.ndarray:
+    """The EP rank of each slot's rank (slot = rank x accum + micro; EP groups are consecutive ranks)."""
+    return (np.arange(slots) // accum) % ep_size
+
+
 def leaving_pairs(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int, accum: int) -> int:
     """(sample, block, slot) pairs of [slots, batch] ``timesteps`` whose expert is on another EP
     rank: the token blocks dispatch sends away (and combine brings back)."""
-    ep_rank = (np.arange(timesteps.shape[0]) // accum) % ep_size  # slot -> its rank's EP rank
+    ep_rank = _slot_ep_ranks(timesteps.shape[0], accum, ep_size)
     return int((owners[timesteps.numpy()] != ep_rank[:, None, None]).sum())
 
 
@@ -56,7 +61,7 @@ def route_aware(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int, accum
     one timestep."""
     slots, batch = timesteps.shape
     flat = timesteps.reshape(-1).numpy()
-    ep_of_position = np.repeat((np.arange(slots) // accum) % ep_size, batch)
+    ep_of_position = np.repeat(_slot_ep_ranks(slots, accum, ep_size), batch)
     # cost[n, r]: pairs sample n would send away from EP rank r
     cost = np.stack([(owners[flat] != r).sum(1) for r in range(ep_size)], axis=1)
     capacity = np.bincount(ep_of_position, minlength=ep_size)

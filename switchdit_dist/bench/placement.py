@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from switchdit_dist.errors import UserError
+from switchdit_dist.parallel_dims import LayoutError, num_local_experts
 from switchdit_dist.sample_placement import leaving_pairs, owner_table, route_aware, slot_timesteps
 
 BYTES_PER_VALUE = 4  # fp32, as on CPU; bf16 halves both columns alike
@@ -47,11 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def measure(model, name: str, ep: int, steps: int, micro_batch: int, accum: int, seed: int) -> Row:
     config = model.config
-    if config.num_experts % ep:
-        raise UserError(f"--ep {ep} does not divide the {name} router's {config.num_experts} experts")
     num_timesteps = 1000
+    try:
+        num_local = num_local_experts(config.num_experts, ep)
+    except LayoutError as err:
+        raise UserError(f"--ep {ep} for the {name} router: {err}") from None
     with torch.no_grad():
-        owners = owner_table(model.route_table(torch.arange(num_timesteps)), config.num_experts // ep)
+        owners = owner_table(model.route_table(torch.arange(num_timesteps)), num_local)
     pair_mb = 4 * config.num_patches * config.hidden_size * BYTES_PER_VALUE / 1e6
     random = aware = 0
     for step in range(1, steps + 1):
@@ -83,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         measure(model, name, ep, args.steps, args.micro_batch, args.accum, args.seed)
         for name, model in routers
         for ep in eps
-        if model.config.num_experts % ep == 0
     ]
     if args.json:
         print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=1))

@@ -56,7 +56,7 @@ def parse_name(name: str) -> tuple[str, str, int]:
     try:
         prefix, patch = name.rsplit("/", 1)
         arch_part, size = prefix.rsplit("-", 1)
-        arch = {name.lower(): a for a, name in NAMES.items()}[arch_part.lower()]
+        arch = {display.lower(): a for a, display in NAMES.items()}[arch_part.lower()]
         if size not in SIZES:
             raise KeyError(size)
         return arch, size, int(patch)
