@@ -9,6 +9,7 @@ subcommand cannot break the others.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import re
 import sys
@@ -85,5 +86,15 @@ def _run(argv: list[str]) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The ``switchdit`` command (and ``python -m switchdit_dist.cli``, as ranks are started)."""
+    code = main()
+    # At its end the interpreter would walk every object torch and DeepSpeed made, seconds for
+    # each rank of each job; the work is done (files closed, process group left), so frozen
+    # objects are left to the process's exit instead.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from switchdit_dist.errors import UserError
@@ -50,6 +52,8 @@ _CAUGHT = (*_AS_IS, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGALR
 # torchrun's agent turns these into a shutdown that passes the same signal to every rank.
 _AGENT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+# The agent starts before the launcher's checks and waits on this pipe for _GO (see _Launch.run).
+_GO_FD_ENV, _GO = "SWITCHDIT_AGENT_GO_FD", b"go"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,19 +107,21 @@ def build_command(nproc: int, command: list[str], port: int = 0, stop_timeout: i
 def run(args: argparse.Namespace) -> int:
     cmd = build_command(args.nproc, list(args.command), args.master_port, args.stop_timeout)
     command = _strip(list(args.command))
-    if command[0] == "train":
-        try:
-            _check_train(command[1:], args.nproc)
-        except KeyboardInterrupt:
-            return 128 + signal.SIGINT
     env = dict(os.environ)
     # One thread per rank unless the user chose otherwise: ranks oversubscribe small machines.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     exit_dir = Path(tempfile.mkdtemp(prefix="switchdit-launch-"))
     env.update({EXIT_DIR_ENV: str(exit_dir), FOLLOW_ENV: str(os.getpid())})
+
+    def precheck() -> None:
+        if command[0] == "train":
+            _check_train(command[1:], args.nproc)
+
     try:
-        return _Launch(cmd, env, args.nproc, args.stop_timeout, exit_dir).run()
+        return _Launch(cmd, env, args.nproc, args.stop_timeout, exit_dir).run(precheck)
+    except KeyboardInterrupt:  # Ctrl-C during the checks, before any rank started
+        return 128 + signal.SIGINT
     finally:
         shutil.rmtree(exit_dir, ignore_errors=True)  # this launcher's own folder; its ranks are gone
 
@@ -136,14 +142,32 @@ class _Launch:
         self.first: int | None = None  # the first signal received
         self.deadline: float | None = None  # when to stop waiting for the agent after a signal
 
-    def run(self) -> int:
+    def run(self, precheck: Callable[[], None]) -> int:
+        """Start the agent, run ``precheck`` while it imports torch (seconds that would otherwise
+        come one after the other), then let it start the ranks; if ``precheck`` raises, the agent
+        ends without starting any."""
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        go_read, go_write = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env={**self.env, _GO_FD_ENV: str(go_read)},
+                pass_fds=(go_read,),
+                start_new_session=True,
+            )
+        finally:
+            os.close(go_read)
+        try:
+            precheck()
+        except BaseException:
+            os.close(go_write)  # end of file: the agent exits without a word
+            self.proc.wait()
+            raise
         for sig in _CAUGHT:
             signal.signal(sig, self._on_signal)
         try:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
-            if self.first is not None:  # a signal that came while the agent was being started
-                self._forward(self.first)
+            os.write(go_write, _GO)
+            os.close(go_write)
             agent_code = self._wait()
         finally:
             self._end_leftovers()
@@ -332,6 +356,8 @@ def agent_main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    if not _wait_for_go():
+        return 0  # the launcher's checks failed and it said why
     try:
         run(parse_args(argv))
     except SignalException as err:
@@ -344,5 +370,15 @@ def agent_main(argv: list[str]) -> int:
     return 0
 
 
+def _wait_for_go() -> bool:
+    fd = os.environ.pop(_GO_FD_ENV, None)
+    if fd is None:  # started by hand, not by the launcher
+        return True
+    with os.fdopen(int(fd), "rb") as pipe:
+        return pipe.read() == _GO
+
+
 if __name__ == "__main__":
-    sys.exit(agent_main(sys.argv[1:]))
+    code = agent_main(sys.argv[1:])
+    gc.freeze()  # see switchdit_dist.cli.console_main
+    sys.exit(code)
