@@ -342,6 +342,7 @@ class Trainer:
     def _check_nonfinite_limit(self, consecutive: int, step: int) -> None:
         limit = self.config.train.max_consecutive_nonfinite
         if consecutive > limit:
+            self.checkpoints.finish()  # a save in flight counts in the message below
             raise UserError(
                 f"{consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradient "
                 f"(limit train.max_consecutive_nonfinite={limit}); stopping: "
