@@ -6,6 +6,10 @@ DEMO_DIR ?= runs/demo
 DEMO_DATA ?= data/digits
 # CPU machines: pin the local CPU torch wheel so no CUDA build is pulled in.
 CONSTRAINTS ?= constraints-cpu.txt
+# Test files run in this many worker processes (pytest-xdist), whole files per worker: most tests
+# launch multi-process jobs that spend their time starting up, and two workers keep two cores busy.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: venv test test-fast demo lint clean
 
@@ -18,10 +22,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 venv: $(VENV)/.installed
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check switchdit_dist tests tools

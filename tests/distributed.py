@@ -41,6 +41,9 @@ def _entry(fn, rank: int, world_size: int, port: int, args: tuple, results) -> N
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from switchdit_dist.train import deepspeed_adapter
+
+    deepspeed_adapter.skip_shared_memory_op()  # as the project's own entry points do
     try:
         value = fn(rank, world_size, *args)
     except BaseException:

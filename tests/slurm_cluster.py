@@ -8,6 +8,7 @@ the test process and are stopped by PID.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from switchdit_dist.train.distributed import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+INSTALL_LOCK = "/tmp/switchdit-tests-slurm-install.lock"
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "munged"]
 # munged and slurmctld/slurmd live in /usr/sbin, which is not always on a test runner's PATH.
 SBIN_DIRS = ["/usr/sbin", "/sbin", "/usr/local/sbin"]
@@ -41,9 +43,21 @@ def ensure_installed() -> None:
     Raises SlurmUnavailable when installing is impossible here (no apt-get, not root), and
     RuntimeError when apt-get itself fails (a broken install must fail the tests, not skip them).
     """
-    missing = [b for b in BINARIES + ["mungekey"] if _find(b) is None]
-    if not missing:
+    if not _missing():
         return
+    # Test processes that run side by side (pytest -n) would race for dpkg's lock: one installs,
+    # the others wait for it and find the binaries there.
+    with open(INSTALL_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _missing():
+            _install(_missing())
+
+
+def _missing() -> list[str]:
+    return [b for b in BINARIES + ["mungekey"] if _find(b) is None]
+
+
+def _install(missing: list[str]) -> None:
     apt = shutil.which("apt-get")
     if apt is None:
         raise SlurmUnavailable(f"Slurm binaries {missing} are missing and apt-get is not available")

@@ -68,6 +68,10 @@ def adapter_worker(rank: int, world: int) -> dict:
         covered += part.numel
     out["covered"] = covered
     out["zero0_partitioned"] = any(zero0_partitioned)
+    # the communication layer started without building its shared-memory op
+    import deepspeed.comm.comm
+
+    out["shm_op"] = deepspeed.comm.comm.cdb.shm_comm_op
     return out
 
 
@@ -81,3 +85,4 @@ def test_every_adapter_function_works_on_a_real_engine():
         count, total = out["partitioned"]
         assert count == total > 0 and out["covered"] > 0
         assert not out["zero0_partitioned"]
+        assert out["shm_op"] is None

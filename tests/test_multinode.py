@@ -38,7 +38,7 @@ TIMEOUT_S = 15
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, deepspeed_ops_built) -> MultiNodeSlurm:
+def cluster(tmp_path_factory) -> MultiNodeSlurm:
     try:
         c = start_multinode_cluster(tmp_path_factory.mktemp("multinode"))
     except SlurmUnavailable as err:

@@ -37,7 +37,7 @@ STEPS = 16  # long enough that the early warning lands mid-run even on a busy ma
 
 
 @pytest.fixture(scope="session")
-def slurm(tmp_path_factory, deepspeed_ops_built) -> LocalSlurm:
+def slurm(tmp_path_factory) -> LocalSlurm:
     try:
         cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     except SlurmUnavailable as err:

@@ -59,7 +59,7 @@ EOF
 fi
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$SITE" ]; then
-    # DeepSpeed's JIT ops (its CPU shared-memory op) from these sources get their own build cache:
+    # Any DeepSpeed JIT op built from these sources gets its own build cache:
     # torch keys a cached build by its name only, and another installation's paths would force
     # rebuilds in the shared one.
     export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"

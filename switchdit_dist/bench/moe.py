@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from switchdit_dist.errors import UserError
-from switchdit_dist.train import comm
+from switchdit_dist.train import comm, deepspeed_adapter
 
 IMPLS = ("ours", "weights", "deepspeed", "dense")
 ROUTINGS = ("balanced", "skewed")
@@ -195,6 +195,7 @@ def _ep_worker(rank: int, world: int, port: int, config: MoEBenchConfig, results
         import deepspeed
 
         dist.init_process_group("gloo", rank=rank, world_size=world)
+        deepspeed_adapter.skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend="gloo")  # the stock layer talks through deepspeed.comm
         rows = measure(config, ep=world, rank=rank, group=dist.group.WORLD)
         if rank == 0:

@@ -16,6 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
+# --- communication layer ------------------------------------------------------------------------
+
+
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU communication layer from JIT-compiling its shared-memory all-reduce
+    op (``deepspeed_shm_comm``: tens of seconds in every fresh environment, and a C++ compiler on
+    the machine) when it starts. Only ``inference_all_reduce`` uses that op, and training never
+    calls it; ``deepspeed.comm.torch.build_shm_op`` skips ops that ``deepspeed.ops.__compatible_ops__``
+    marks incompatible. Call before ``deepspeed.init_distributed`` / ``deepspeed.initialize``."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 # --- optimizer wrappers -------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from switchdit_dist.errors import UserError
-from switchdit_dist.train import comm
+from switchdit_dist.train import comm, deepspeed_adapter
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def setup(backend: str = "auto", timeout_s: int = 600) -> DistEnv:
         if use_cuda and world > 1:
             kwargs["device_id"] = device
         dist.init_process_group(backend=spec, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    deepspeed_adapter.skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend=spec, timeout=timeout)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 

@@ -16,6 +16,7 @@ from switchdit_dist.config import Config
 from switchdit_dist.models.dit import DiTConfig
 from switchdit_dist.models.registry import build_model
 from switchdit_dist.parallel_dims import ParallelDims
+from switchdit_dist.train import deepspeed_adapter
 from switchdit_dist.train.checkpoint import ExpertPlacement
 from switchdit_dist.train.distributed import DistEnv
 from switchdit_dist.train.finite_guard import make_guarded
@@ -85,6 +86,7 @@ def build_engine(config: Config, model_config: DiTConfig, env: DistEnv):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
     )
+    deepspeed_adapter.skip_shared_memory_op()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
