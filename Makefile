@@ -6,10 +6,11 @@ DEMO_DIR ?= runs/demo
 DEMO_DATA ?= data/digits
 # CPU machines: pin the local CPU torch wheel so no CUDA build is pulled in.
 CONSTRAINTS ?= constraints-cpu.txt
-# Test files run in this many worker processes (pytest-xdist), whole files per worker: most tests
-# launch multi-process jobs that spend their time starting up, and two workers keep two cores busy.
+# Test files run in this many worker processes (pytest-xdist), whole files per worker, in the
+# order tests/conftest.py gives (longest first): most tests launch multi-process jobs that spend
+# their time starting up, and two workers keep two cores busy.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: venv test test-fast demo lint clean
 
