@@ -88,9 +88,13 @@ def test_model_bf16_and_fp32_on_gpu_match_float64(arch):
     assert 0 < e16 < BF16_MODEL_TOL, e16
 
 
-def test_moe_layer_bf16_forward_and_backward_match_float64():
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "autocast"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["loop", "grouped_mm"])
+def test_moe_layer_bf16_forward_and_backward_match_float64(grouped, autocast):
     """The expert-parallel MoE layer (EP 1: dispatch, experts, combine) in bf16 against the
-    single-device reference experts in float64: outputs and the gradients of input and weights."""
+    single-device reference experts in float64: outputs and the gradients of input and weights.
+    MLP experts as a loop of matmuls and as grouped matmuls (``torch._grouped_mm``); bf16 weights,
+    and fp32 weights under bf16 autocast (as ``switchdit train`` runs)."""
     from switchdit_dist.models.experts import LocalExperts
     from switchdit_dist.moe.layer import ExpertParallelMoE
 
@@ -99,6 +103,7 @@ def test_moe_layer_bf16_forward_and_backward_match_float64():
     randomize_(reference, 2)
     layer = ExpertParallelMoE(dim, experts, 1, "mlp", 4.0)
     layer.load_local_experts(reference)
+    layer.deepspeed_moe.grouped = grouped
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(batch, tokens, dim, generator=gen)
     index = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(batch)])
@@ -108,8 +113,9 @@ def test_moe_layer_bf16_forward_and_backward_match_float64():
     def run(module, dtype, device):
         module = module.to(device, dtype)
         xi = x.to(device, dtype).requires_grad_()
-        out = module(xi, index.to(device), weight.to(device, dtype))
-        (out * grad_out.to(device, dtype)).sum().backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast and device.type == "cuda"):
+            out = module(xi, index.to(device), weight.to(device, dtype))
+        (out * grad_out.to(device, out.dtype)).sum().backward()
         return (
             out,
             xi.grad,
@@ -118,12 +124,24 @@ def test_moe_layer_bf16_forward_and_backward_match_float64():
 
     ref_out, ref_grad, _ = run(reference, torch.float64, torch.device("cpu"))
     ref_w = reference.experts[0][0].weight.grad
-    out, grad, w = run(layer, torch.bfloat16, torch.device("cuda"))
+    out, grad, w = run(layer, torch.float32 if autocast else torch.bfloat16, torch.device("cuda"))
+    assert out.dtype == torch.bfloat16
     errors = {"output": rel_err(out.float(), ref_out), "grad_x": rel_err(grad.float(), ref_grad)}
     errors["grad_w"] = rel_err(w.float(), ref_w)
     print("MoE layer bf16 relative errors:", {k: f"{v:.2e}" for k, v in errors.items()})
     for name, value in errors.items():
         assert 0 < value < BF16_MOE_TOL, (name, value)
+
+
+def test_grouped_experts_are_the_default_for_bf16_on_hopper():
+    from switchdit_dist.moe.grouped import grouped_mm_supported
+
+    x = torch.zeros(2, 8, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert grouped_mm_supported(x) == (hopper and hasattr(torch, "_grouped_mm"))
+    assert not grouped_mm_supported(x.float())
+    with torch.autocast("cuda", torch.bfloat16):
+        assert grouped_mm_supported(x.float()) == grouped_mm_supported(x)
 
 
 # --- the communication module and a bf16 engine on a cpu:gloo,cuda:nccl group ---------------------

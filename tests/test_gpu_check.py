@@ -56,6 +56,6 @@ def test_gpu_check_without_cuda_skips_gpu_stages_with_reasons_and_passes(tmp_pat
     assert stages["env"]["status"] == "pass"
     assert stages["pytest_gpu"]["status"] == "skip" and "CUDA" in stages["pytest_gpu"]["reason"]
     assert stages["pytest_gpu"]["counts"].get("skipped", 0) >= 5
-    for name in ("data", "train", "resume", "syncs", "sample", "bench"):
+    for name in ("data", "train", "resume", "syncs", "sample", "bench_moe", "bench"):
         assert stages[name]["status"] == "skip" and "CUDA" in stages[name]["reason"], name
     assert "skip train" in proc.stdout and "PASSED" in proc.stdout

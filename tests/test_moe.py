@@ -36,9 +36,11 @@ class Case:
     routing: str = "random"  # random | same (every sample picks expert 0) | one_rank (only rank 0's experts)
     kind: str = "linear"
     comm: str = "tokens"  # the layer's expert_comm: tokens (all-to-all) or weights (gathered, mixed)
+    grouped: bool = False  # MLP experts as grouped matmuls (torch._grouped_mm) instead of a loop
 
     def __str__(self) -> str:
-        return f"E={self.num_experts},k={self.top_k},{self.routing},{self.kind},{self.comm}"
+        grouped = ",grouped" if self.grouped else ""
+        return f"E={self.num_experts},k={self.top_k},{self.routing},{self.kind},{self.comm}{grouped}"
 
 
 def rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -120,6 +122,7 @@ def _worker_local_experts(rank: int, world: int, cases: list[Case]) -> dict[str,
         )
         layer.set_process_group(dist.group.WORLD)
         layer.load_local_experts(reference)
+        layer.deepspeed_moe.grouped = case.grouped
         out[str(case)] = compare_layers(layer, reference, case, rank, reduce_reference_grads=True, seed=i)
     return out
 
@@ -394,6 +397,8 @@ def test_layer_is_a_deepspeed_moe_layer_with_expert_params():
         Case(3, 2),
         Case(8, 2, "same"),
         Case(4, 2, kind="mlp"),
+        Case(4, 2, kind="mlp", grouped=True),
+        Case(8, 2, "same", kind="mlp", grouped=True),
         Case(3, 2, comm="weights"),
         Case(4, 1, comm="weights"),
         Case(8, 2, "same", comm="weights"),
@@ -405,8 +410,36 @@ def test_single_process_matches_local_experts_without_process_group(case):
     reference = random_reference(case, seed=1)
     layer = ExpertParallelMoE(DIM, case.num_experts, 1, case.kind, mlp_ratio=2.0, expert_comm=case.comm)
     layer.load_local_experts(reference)
+    layer.deepspeed_moe.grouped = case.grouped
     errors = compare_layers(layer, reference, case, rank=0, reduce_reference_grads=False, seed=1)
     assert_all_close({str(case): errors}, "ep=1")
+
+
+@pytest.mark.parametrize("chunk_sizes", [[2, 3], [2, 0, 1, 3, 0, 2], [0, 0, 4, 0]], ids=str)
+def test_grouped_mlp_experts_match_the_loop(chunk_sizes):
+    """Runs from several source ranks (run i for local expert i % 2), empty runs included: the
+    grouped matmuls give the loop's outputs and the gradients of the blocks and every expert."""
+    from switchdit_dist.moe.experts import ExpertShard
+    from switchdit_dist.moe.grouped import grouped_mm_supported
+
+    torch.manual_seed(0)
+    shard = ExpertShard(DIM, 2, "ep_size_1", "mlp", mlp_ratio=2.0)
+    with torch.no_grad():
+        for p in shard.parameters():
+            p.normal_(std=DIM**-0.5)
+    blocks = torch.randn(sum(chunk_sizes), LENGTH, DIM)
+    grad_out = torch.randn_like(blocks)
+    assert not grouped_mm_supported(blocks)  # the CPU default is the loop
+    results = []
+    for grouped in (False, True):
+        shard.grouped = grouped
+        shard.zero_grad(set_to_none=True)
+        xi = blocks.clone().requires_grad_()
+        out = shard(xi, chunk_sizes)
+        out.backward(grad_out)
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in shard.parameters()])
+    for i, (loop, grouped) in enumerate(zip(*results)):
+        assert rel_err(grouped, loop) < TOLERANCE, (i, rel_err(grouped, loop))
 
 
 def test_single_process_matches_deepspeed_stock_layer():
@@ -501,6 +534,10 @@ def test_two_ranks_match_local_experts():
         Case(4, 2, "one_rank"),
         Case(8, 2),
         Case(4, 2, kind="mlp"),
+        # MLP experts as grouped matmuls: runs from two source ranks reordered by expert, and a
+        # rank that receives nothing for its experts
+        Case(4, 2, kind="mlp", grouped=True),
+        Case(4, 2, "one_rank", kind="mlp", grouped=True),
         # experts gathered to the samples: skewed routing and a rank whose experts get nothing
         Case(4, 2, comm="weights"),
         Case(4, 1, "same", comm="weights"),

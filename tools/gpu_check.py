@@ -18,7 +18,10 @@ every stage, so a run cut short still leaves what it did):
    leaving out the first steps and every step that follows a logging or checkpoint step (their
    work runs after the EMA update); at most 2 pass. The most frequent call sites are listed.
 6. ``convert`` and ``sample``: the EMA weights of A as one file, and a small grid from it.
-7. ``bench``: ``switchdit bench train --device cuda --sizes XL --compile``: img/s, MFU and peak
+7. ``bench_moe``: ``switchdit bench moe --device cuda``: one MoE layer (S, B, XL; EP 1, bf16) with
+   token dispatch, gathered weights, DeepSpeed's layer and the dense equivalent, and MLP experts as a
+   loop against grouped matmuls.
+8. ``bench``: ``switchdit bench train --device cuda --sizes XL --compile``: img/s, MFU and peak
    memory of DiT-XL/2 and Switch-DiT-XL/2 side by side.
 
 Without CUDA the GPU stages are skipped with the reason (pytest runs and reports its skips), and the
@@ -29,12 +32,14 @@ check itself.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -149,11 +154,13 @@ class Check:
     def copy_logs(self) -> None:
         if self.out is None:
             return
-        dest = self.out / "gpu_check_logs"
-        dest.mkdir(parents=True, exist_ok=True)
-        for log in self.logs.glob("*.log"):
-            text = log.read_text(errors="replace")
-            (dest / log.name).write_text(text[-200_000:])
+        # One archive: the device tool brings back at most 8 files.
+        with tarfile.open(self.out / "gpu_check_logs.tar.gz", "w:gz") as tar:
+            for log in sorted(self.logs.glob("*.log")):
+                data = log.read_bytes()[-200_000:]
+                info = tarfile.TarInfo(f"gpu_check_logs/{log.name}")
+                info.size, info.mtime = len(data), int(log.stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
 
 
 START = time.time()
@@ -411,6 +418,30 @@ def stage_sample(c: Check) -> None:
     c.record("sample", status, time.time() - start, grid=str(grid), **({} if ok else {"tail": tail[-2000:]}))
 
 
+def _json_rows(tail: str) -> list | None:
+    for line in reversed(tail.splitlines()):
+        if line.startswith("["):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                pass
+    return None
+
+
+def stage_bench_moe(c: Check) -> None:
+    start = time.time()
+    if c.cuda:
+        cmd = c.switchdit("bench", "moe", "--device", "cuda", "--repeats", "20", "--json")
+    else:
+        cmd = c.switchdit("bench", "moe", "--tiny", "--repeats", "1", "--json")
+    code, tail = c.run("bench_moe", cmd, 150)
+    rows = _json_rows(tail)
+    if code != 0 or rows is None:
+        c.record("bench_moe", "timeout" if code is None else "fail", time.time() - start, tail=tail[-2500:])
+        return
+    c.record("bench_moe", "pass", time.time() - start, rows=rows)
+
+
 def stage_bench(c: Check) -> None:
     start = time.time()
     if c.cuda:
@@ -448,7 +479,7 @@ def main_check(args: argparse.Namespace) -> int:
         stage_pytest(c)
         reason = c.skip_reason()
         if reason:
-            for name in ("data", "train", "resume", "syncs", "sample", "bench"):
+            for name in ("data", "train", "resume", "syncs", "sample", "bench_moe", "bench"):
                 c.record(name, "skip", 0.0, reason=reason)
         else:
             manifest = stage_data(c)
@@ -460,6 +491,7 @@ def main_check(args: argparse.Namespace) -> int:
             else:
                 for name in ("resume", "syncs", "sample"):
                     c.record(name, "skip", 0.0, reason="training did not complete")
+            stage_bench_moe(c)
             stage_bench(c)
     finally:
         c.write()

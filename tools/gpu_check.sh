@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU acceptance run: at most 8 minutes on one H100/H200, no network. With $OUT set, a JSON
-# summary goes to $OUT/gpu_check.json (stage logs to $OUT/gpu_check_logs/, the sample grid beside).
+# summary goes to $OUT/gpu_check.json (stage logs in $OUT/gpu_check_logs.tar.gz, the sample grid beside).
 #
 #   bash tools/gpu_check.sh [--cpu-smoke]
 #

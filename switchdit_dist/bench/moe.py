@@ -9,6 +9,10 @@ Implementations, all fed the same per-sample routing and weights (paper experts:
   buffer padded to the busiest expert's load over the EP group);
 - ``dense``: one dense layer with the same active FLOPs (each sample through k D->D maps, weighted).
 
+With ``--device cuda`` (one GPU, so EP 1 only; bf16 autocast, fp32 weights, as training runs), also
+MLP experts (D -> 4D -> D) through ``ExpertParallelMoE``: ``mlp_loop`` (two matmuls per expert) and
+``mlp_grouped`` (one ``torch._grouped_mm`` per layer for all experts, the CUDA default).
+
 Shapes: Switch-DiT-S (D=384) and -B (D=768), 256-token samples, E=8 experts, top-2. Routing:
 ``balanced`` (every expert gets the same load on every rank) and ``skewed`` (every sample's first
 slot is expert 0). Run with one process, then with two processes (EP 2) that the benchmark spawns.
@@ -35,6 +39,7 @@ from switchdit_dist.errors import UserError
 from switchdit_dist.train import comm, deepspeed_adapter
 
 IMPLS = ("ours", "weights", "deepspeed", "dense")
+CUDA_IMPLS = IMPLS + ("mlp_loop", "mlp_grouped")
 ROUTINGS = ("balanced", "skewed")
 
 
@@ -47,6 +52,11 @@ class MoEBenchConfig:
     top_k: int = 2
     repeats: int = 5
     warmup: int = 1
+    device: str = "cpu"
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        return CUDA_IMPLS if self.device == "cuda" else IMPLS
 
 
 TINY = {"dims": {"S": 16, "B": 32}, "tokens": 4, "batch": 4}
@@ -64,23 +74,39 @@ class Row:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per measurement (median)")
-    parser.add_argument("--batch", type=int, default=8, help="samples of 256 tokens per process")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="samples of 256 tokens per process (default 8; 32 on cuda)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU, EP 1, bf16, S/B/XL"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a quick smoke run")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    config = MoEBenchConfig(repeats=args.repeats, batch=args.batch)
-    if args.tiny:
-        config = MoEBenchConfig(repeats=args.repeats, **TINY)
-    rows = measure_in_this_process(config) + measure_on_two_processes(config)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+        dims = {"S": 384, "B": 768, "XL": 1152}
+        config = MoEBenchConfig(
+            dims=dims, batch=args.batch or 32, repeats=args.repeats, warmup=3, device="cuda"
+        )
+        if args.tiny:
+            config = MoEBenchConfig(repeats=args.repeats, device="cuda", **TINY)
+        rows = measure(config, ep=1, rank=0, group=None)
+    else:
+        config = MoEBenchConfig(repeats=args.repeats, batch=args.batch or 8)
+        if args.tiny:
+            config = MoEBenchConfig(repeats=args.repeats, **TINY)
+        rows = measure_in_this_process(config) + measure_on_two_processes(config)
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
     else:
-        print(format_table(rows, config))
+        print(format_cuda_table(rows, config) if config.device == "cuda" else format_table(rows, config))
     return 0
 
 
@@ -111,6 +137,9 @@ def build_layer(impl: str, dim: int, config: MoEBenchConfig, ep: int, group) -> 
         layer = ExpertParallelMoE(
             dim, config.num_experts, ep, expert_comm="weights" if impl == "weights" else "tokens"
         )
+    elif impl in ("mlp_loop", "mlp_grouped"):
+        layer = ExpertParallelMoE(dim, config.num_experts, ep, kind="mlp", mlp_ratio=4.0)
+        layer.deepspeed_moe.grouped = impl == "mlp_grouped"
     elif impl == "deepspeed":
         layer = DeepSpeedStockExperts(dim, config.num_experts, ep)
     else:
@@ -120,7 +149,7 @@ def build_layer(impl: str, dim: int, config: MoEBenchConfig, ep: int, group) -> 
             p.normal_(std=dim**-0.5)
     if ep > 1 and impl != "dense":
         layer.set_process_group(group)
-    return layer
+    return layer.to(config.device)
 
 
 def routing(kind: str, config: MoEBenchConfig, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,13 +168,21 @@ def routing(kind: str, config: MoEBenchConfig, rank: int) -> tuple[torch.Tensor,
 
 
 def time_iteration(layer: nn.Module, x, index, weight, grad_out, group) -> float:
-    """Forward+backward milliseconds of one call (the slower rank's, when distributed)."""
+    """Forward+backward milliseconds of one call (the slower rank's, when distributed). On a GPU:
+    bf16 autocast, and the device's queue drained before and after."""
     layer.zero_grad(set_to_none=True)
     xi, wi = x.detach().requires_grad_(), weight.detach().requires_grad_()
     if group is not None:
         comm.barrier(group)
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    layer(xi, index, wi).backward(grad_out)
+    with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        out = layer(xi, index, wi)
+    out.backward(grad_out.to(out.dtype))
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     if group is not None:
         comm.all_reduce_max([elapsed], group=group)
@@ -155,21 +192,24 @@ def time_iteration(layer: nn.Module, x, index, weight, grad_out, group) -> float
 def measure(config: MoEBenchConfig, ep: int, rank: int, group) -> list[Row]:
     rows = []
     generator = torch.Generator().manual_seed(1234 + rank)
+    device = torch.device(config.device)
     for shape, dim in config.dims.items():
-        x = torch.randn(config.batch, config.tokens, dim, generator=generator)
-        grad_out = torch.randn(config.batch, config.tokens, dim, generator=generator)
+        x = torch.randn(config.batch, config.tokens, dim, generator=generator).to(device)
+        grad_out = torch.randn(config.batch, config.tokens, dim, generator=generator).to(device)
         for kind in ROUTINGS:
-            index, weight = routing(kind, config, rank)
+            index, weight = (t.to(device) for t in routing(kind, config, rank))
             torch.manual_seed(0)
-            layers = {impl: build_layer(impl, dim, config, ep, group) for impl in IMPLS}
-            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            layers = {impl: build_layer(impl, dim, config, ep, group) for impl in config.impls}
+            times: dict[str, list[float]] = {impl: [] for impl in config.impls}
             # Round-robin over the implementations, so that a change in machine load hits all of them.
             for i in range(config.warmup + config.repeats):
                 for impl, layer in layers.items():
                     ms = time_iteration(layer, x, index, weight, grad_out, group)
                     if i >= config.warmup:
                         times[impl].append(ms)
-            rows += [Row(shape, ep, kind, impl, round(statistics.median(times[impl]), 3)) for impl in IMPLS]
+            rows += [
+                Row(shape, ep, kind, impl, round(statistics.median(times[impl]), 3)) for impl in config.impls
+            ]
     return rows
 
 
@@ -260,4 +300,27 @@ def format_table(rows: list[Row], config: MoEBenchConfig) -> str:
                     f"{ours / stock:>16.2f}{ours / dense:>12.2f}"
                     f"{weights / ours:>14.2f}{weights / dense:>15.2f}"
                 )
+    return "\n".join(lines)
+
+
+def format_cuda_table(rows: list[Row], config: MoEBenchConfig) -> str:
+    ms = {(r.shape, r.routing, r.impl): r.ms for r in rows}
+    lines = [
+        f"MoE layer forward+backward on {torch.cuda.get_device_name()}, {config.batch} samples x "
+        f"{config.tokens} tokens, E={config.num_experts}, k={config.top_k}, EP 1, bf16 autocast, "
+        f"median of {config.repeats} (ms)",
+        "",
+        f"{'shape':<6}{'routing':<9}"
+        + "".join(f"{impl:>13}" for impl in config.impls)
+        + f"{'ours/dense':>12}{'weights/dense':>15}{'grouped/loop':>14}",
+    ]
+    for shape in config.dims:
+        for kind in ROUTINGS:
+            t = {impl: ms[(shape, kind, impl)] for impl in config.impls}
+            lines.append(
+                f"{shape:<6}{kind:<9}"
+                + "".join(f"{t[impl]:>13.3f}" for impl in config.impls)
+                + f"{t['ours'] / t['dense']:>12.2f}{t['weights'] / t['dense']:>15.2f}"
+                f"{t['mlp_grouped'] / t['mlp_loop']:>14.2f}"
+            )
     return "\n".join(lines)

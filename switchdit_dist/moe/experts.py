@@ -14,6 +14,7 @@ from deepspeed.moe.experts import Experts
 from torch import nn
 
 from switchdit_dist.models.experts import init_expert_, make_expert
+from switchdit_dist.moe.grouped import grouped_mlp, grouped_mm_supported
 
 
 class ExpertShard(nn.Module):
@@ -24,6 +25,10 @@ class ExpertShard(nn.Module):
     ):
         super().__init__()
         self.num_local_experts = num_local_experts
+        self.kind = kind
+        # MLP experts as grouped matmuls: None = where supported (CUDA, bf16, Hopper), else the loop;
+        # True/False force either (tests compare them, ``bench moe`` times them).
+        self.grouped: bool | None = None
         self.experts = Experts(make_expert(kind, dim, mlp_ratio), num_local_experts, group_name)
 
     @property
@@ -33,6 +38,10 @@ class ExpertShard(nn.Module):
     def forward(self, blocks: torch.Tensor, chunk_sizes: list[int]) -> torch.Tensor:
         """``blocks`` [N, L, D] in runs of ``chunk_sizes``; run i belongs to local expert
         ``i % num_local_experts`` (runs arrive grouped by source rank, then by local expert)."""
+        if self.kind == "mlp" and sum(chunk_sizes) > 0:
+            grouped = grouped_mm_supported(blocks) if self.grouped is None else self.grouped
+            if grouped:
+                return grouped_mlp(blocks, chunk_sizes, self.local_experts)
         outputs = []
         for i, run in enumerate(blocks.split(chunk_sizes)):
             # Every expert runs, on an empty run too: its parameters then get (zero) gradients on
