@@ -201,9 +201,10 @@ def measure(config: MoEBenchConfig, ep: int, rank: int, group) -> list[Row]:
             torch.manual_seed(0)
             layers = {impl: build_layer(impl, dim, config, ep, group) for impl in config.impls}
             times: dict[str, list[float]] = {impl: [] for impl in config.impls}
-            # Round-robin over the implementations, so that a change in machine load hits all of them.
+            # Round-robin over the implementations, so that a change in machine load hits all of them,
+            # in an order reversed every repetition (a call right after another one can run slower).
             for i in range(config.warmup + config.repeats):
-                for impl, layer in layers.items():
+                for impl, layer in list(layers.items())[:: 1 if i % 2 == 0 else -1]:
                     ms = time_iteration(layer, x, index, weight, grad_out, group)
                     if i >= config.warmup:
                         times[impl].append(ms)

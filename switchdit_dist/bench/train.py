@@ -7,9 +7,9 @@ MSE + VLB diffusion loss plus for Switch-DiT the diffusion prior loss), ``backwa
 the trainer's experts layer (``moe/layer.py``) at an expert-parallel size of 1.
 
 Side by side: for every size both models (and, with ``--compile``, copies with compiled blocks,
-versions) are built first, then timed in turn inside every repetition, so a change in machine
-load hits all of them alike. Times are medians over ``--steps`` after ``--warmup`` steps; every
-variant sees the same inputs at the same repetition.
+versions) are built first, then timed in turn inside every repetition (the order reversed every
+repetition), so a change in machine load hits all of them alike. Times are medians over
+``--steps`` after ``--warmup`` steps; every variant sees the same inputs at the same repetition.
 
 Reported per variant: step time, images/s, achieved train FLOP/s (matmul FLOPs of
 ``models/flops.py``: forward + backward = 3x forward), MFU against a matrix-multiplication peak
@@ -441,10 +441,13 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
         inputs = make_inputs(config, batch, config.warmup, device)
         for runner in eager:
             peaks[(runner.arch, False)] = tracked_peak_mib(runner, inputs)
-    # Round-robin over the variants, so that a change in machine load hits all of them.
+    # Round-robin over the variants, so that a change in machine load hits all of them, in an
+    # order reversed every repetition: on a CPU a step's time depends on which model ran just before
+    # it (profiled self CPU time of Switch-DiT-S/2 over DiT-S/2: 1.33x with DiT first, 1.16x with
+    # Switch-DiT first), so each variant takes each position equally often.
     for i in range(config.steps):
         inputs = make_inputs(config, batch, config.warmup + 1 + i, device)
-        for runner, compiled in variants:
+        for runner, compiled in variants if i % 2 == 0 else variants[::-1]:
             seconds, peak = timed_step(runner, inputs)
             times[(runner.arch, compiled)].append(seconds)
             if peak is not None:
