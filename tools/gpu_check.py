@@ -419,6 +419,7 @@ def stage_sample(c: Check) -> None:
 
 
 def _json_rows(tail: str) -> list | None:
+    """The last line of ``tail`` that parses as a JSON list (a benchmark's ``--json`` output)."""
     for line in reversed(tail.splitlines()):
         if line.startswith("["):
             try:
@@ -453,14 +454,7 @@ def stage_bench(c: Check) -> None:
         return
     code, tail = c.run("bench", cmd, 600)
     seconds = time.time() - start
-    rows = None
-    for line in reversed(tail.splitlines()):
-        if line.startswith("["):
-            try:
-                rows = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                pass
+    rows = _json_rows(tail)
     if code != 0 or rows is None:
         c.record("bench", "timeout" if code is None else "fail", seconds, tail=tail[-2500:])
         return

@@ -290,18 +290,39 @@ def format_table(rows: list[Row], config: MoEBenchConfig) -> str:
         header,
         "",
         f"{'shape':<6}{'ep':>3}  {'routing':<9}{'ours ms':>10}{'weights ms':>12}{'deepspeed ms':>14}"
-        f"{'dense ms':>10}{'ours/deepspeed':>16}{'ours/dense':>12}{'weights/ours':>14}{'weights/dense':>15}",
+        f"{'dense ms':>10}{'ours/deepspeed':>16}{'ours/dense':>12}{'weights/ours':>14}{'weights/dense':>15}"
+        f"{'auto':>9}{'auto/dense':>12}{'tokens MB':>11}{'weights MB':>12}",
     ]
-    for shape in config.dims:
+    for shape, dim in config.dims.items():
         for ep in (1, 2):
+            cost, auto = auto_choice(config, dim, ep)
             for kind in ROUTINGS:
                 ours, weights, stock, dense = (ms[(shape, ep, kind, impl)] for impl in IMPLS)
+                chosen = weights if auto == "weights" else ours
                 lines.append(
                     f"{shape:<6}{ep:>3}  {kind:<9}{ours:>10.1f}{weights:>12.1f}{stock:>14.1f}{dense:>10.1f}"
                     f"{ours / stock:>16.2f}{ours / dense:>12.2f}"
                     f"{weights / ours:>14.2f}{weights / dense:>15.2f}"
+                    f"{auto:>9}{chosen / dense:>12.2f}{cost.tokens / 1e6:>11.2f}{cost.weights / 1e6:>12.2f}"
                 )
+    lines.append(
+        "auto: what parallel.expert_comm=auto picks for this layer; MB: what one rank sends per call and "
+        "direction under each strategy (uniform routing; the backward moves as many)"
+    )
     return "\n".join(lines)
+
+
+def auto_choice(config: MoEBenchConfig, dim: int, ep: int):
+    """The byte costs of both strategies for this layer, and ``auto``'s pick (fp32 values)."""
+    from types import SimpleNamespace
+
+    from switchdit_dist.expert_comm import expert_comm_bytes
+
+    layer = SimpleNamespace(
+        top_k=config.top_k, num_patches=config.tokens, hidden_size=dim, num_experts=config.num_experts
+    )
+    cost = expert_comm_bytes(layer, config.batch, ep, 4)
+    return cost, cost.choice("linear", ep)
 
 
 def format_cuda_table(rows: list[Row], config: MoEBenchConfig) -> str:
