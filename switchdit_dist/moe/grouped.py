@@ -13,8 +13,6 @@ runs are put in expert-major order (no copy at EP 1, where the order already is)
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -59,9 +57,9 @@ def grouped_mlp(blocks: torch.Tensor, chunk_sizes: list[int], experts: nn.Module
     rows = [0] * num_local
     for i, size in enumerate(chunk_sizes):
         rows[i % num_local] += size * length
-    # Host lists, known before the step (the dispatch plan): copies to the device, no sync.
-    offs = torch.tensor(list(accumulate(rows)), dtype=torch.int32).to(blocks.device, non_blocking=True)
+    # A host list, known before the step (the dispatch plan): one copy to the device, no sync.
     counts = torch.tensor(rows, dtype=torch.long).to(blocks.device, non_blocking=True)
+    offs = counts.cumsum(0).to(torch.int32)  # each expert's end row
     expert_of_row = torch.repeat_interleave(
         torch.arange(num_local, device=blocks.device), counts, output_size=n * length
     )
