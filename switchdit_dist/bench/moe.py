@@ -29,7 +29,7 @@ import socket
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,9 @@ class MoEBenchConfig:
         return CUDA_IMPLS if self.device == "cuda" else IMPLS
 
 
-TINY = {"dims": {"S": 16, "B": 32}, "tokens": 4, "batch": 4}
+TINY = {"dims": {"S": 16, "B": 32}, "tokens": 4, "batch": 4, "warmup": 1}
+# On a GPU: the paper's largest size too, a per-GPU batch as in its training, more warm-up.
+CUDA_SHAPES = {"dims": {"S": 384, "B": 768, "XL": 1152}, "batch": 32, "warmup": 3}
 
 
 @dataclass
@@ -88,20 +90,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
-        dims = {"S": 384, "B": 768, "XL": 1152}
-        config = MoEBenchConfig(
-            dims=dims, batch=args.batch or 32, repeats=args.repeats, warmup=3, device="cuda"
-        )
-        if args.tiny:
-            config = MoEBenchConfig(repeats=args.repeats, device="cuda", **TINY)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
+    config = MoEBenchConfig(repeats=args.repeats, device=args.device, **(CUDA_SHAPES if cuda else {}))
+    if args.batch is not None:
+        config = replace(config, batch=args.batch)
+    if args.tiny:
+        config = replace(config, **TINY)
+    if cuda:  # one GPU: EP 1 only
         rows = measure(config, ep=1, rank=0, group=None)
     else:
-        config = MoEBenchConfig(repeats=args.repeats, batch=args.batch or 8)
-        if args.tiny:
-            config = MoEBenchConfig(repeats=args.repeats, **TINY)
         rows = measure_in_this_process(config) + measure_on_two_processes(config)
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
