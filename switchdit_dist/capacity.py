@@ -77,8 +77,9 @@ class PlanInputs:
 class ExpertComm:
     """Both ways to bring samples and experts together in one block, and the one taken."""
 
-    tokens_bytes_per_block_direction: int  # token dispatch (as in the all-to-all estimate)
-    weights_bytes_per_block_direction: int  # gathering the other ranks' experts
+    # What one rank sends per block in one forward pass (backward: as many again).
+    tokens_bytes_per_block_pass: int  # token dispatch and combine: 2x the all-to-all estimate's figure
+    weights_bytes_per_block_pass: int  # its experts, all-gathered to the other ranks
     mode: str  # parallel.expert_comm as set
     chosen: str  # tokens or weights
 
@@ -428,9 +429,9 @@ def format_plan(plan: Plan) -> str:
         )
     elif c is not None:
         lines += [
-            f"expert communication (parallel.expert_comm={c.mode}): per block and direction, "
-            f"tokens {_bytes(c.tokens_bytes_per_block_direction)}, "
-            f"weights {_bytes(c.weights_bytes_per_block_direction)} "
+            f"expert communication (parallel.expert_comm={c.mode}): per block and forward pass, "
+            f"tokens {_bytes(c.tokens_bytes_per_block_pass)} (dispatch and combine), "
+            f"weights {_bytes(c.weights_bytes_per_block_pass)} "
             f"({m.num_experts} x ({m.hidden_size}^2 + {m.hidden_size}) x {DTYPE_BYTES[i.dtype]} B x "
             f"{i.ep_size - 1}/{i.ep_size}) -> {c.chosen}",
         ]

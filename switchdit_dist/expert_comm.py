@@ -2,9 +2,11 @@
 ``auto`` decides by (``switchdit plan`` prints it). Plain arithmetic on the model's config, kept out
 of ``switchdit_dist.moe`` so that the config checks and the planner do not import DeepSpeed.
 
-Per block and direction one EP rank sends, with ``tokens``, its (sample, slot) blocks
-(micro_batch x L x D x k values, (P-1)/P of them leave the rank), and receives, with ``weights``,
-the other ranks' linear experts (E x (D^2 + D) values, (P-1)/P of them).
+Per block and forward pass one EP rank sends, with ``tokens``, its (sample, slot) blocks out and
+their expert outputs back (two all-to-alls of micro_batch x L x D x k values, (P-1)/P of them
+leaving the rank), and, with ``weights``, its own experts to the other ranks (one all-gather:
+E x (D^2 + D) x (P-1)/P values). The backward pass moves as many again in each case (the reverse
+all-to-alls; one reduce-scatter of the expert gradients), so the forward figures compare the two.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def check_expert_comm(mode: str, kind: str, allowed: tuple[str, ...] = EXPERT_CO
 
 @dataclass(frozen=True)
 class ExpertCommCost:
-    """Bytes one EP rank sends per block and direction (backward moves as many)."""
+    """Bytes one EP rank sends per block in one forward pass (the backward pass sends as many)."""
 
     tokens: int
     weights: int
@@ -44,7 +46,8 @@ class ExpertCommCost:
 def expert_comm_bytes(model: Any, micro_batch: int, ep_size: int, bytes_per_value: int) -> ExpertCommCost:
     """The cost model for a Switch-DiT config ``model``, with uniform routing for token dispatch."""
     leaving = (ep_size - 1) / ep_size
-    token_values = micro_batch * model.top_k * model.num_patches * model.hidden_size * leaving
+    # Dispatch and combine: every (sample, slot) block travels out to its expert and back.
+    token_values = 2 * micro_batch * model.top_k * model.num_patches * model.hidden_size * leaving
     weight_values = model.num_experts * (model.hidden_size**2 + model.hidden_size) * leaving
     return ExpertCommCost(int(token_values * bytes_per_value), int(weight_values * bytes_per_value))
 

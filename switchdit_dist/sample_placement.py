@@ -55,6 +55,18 @@ def leaving_pairs(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int, acc
     return int((owners[timesteps.numpy()] != ep_rank[:, None, None]).sum())
 
 
+def _costs(flat: np.ndarray, owners: np.ndarray, ep_size: int) -> np.ndarray:
+    """[n, ep_size]: the pairs sample n (timestep ``flat[n]``) would send away from each EP rank."""
+    return np.stack([(owners[flat] != r).sum(1) for r in range(ep_size)], axis=1)
+
+
+def fewest_leaving_pairs(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int) -> int:
+    """The least any placement of these timesteps could send if the ranks' sample counts were free:
+    every sample on its own cheapest EP rank. What is left is the routes' doing (a sample whose
+    experts are spread over ranks sends from anywhere), not the deal's."""
+    return int(_costs(timesteps.reshape(-1).numpy(), owners, ep_size).min(1).sum())
+
+
 def route_aware(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int, accum: int) -> torch.Tensor:
     """The same timesteps re-dealt over the [slots, batch] positions (slot = rank x accum + micro)
     so that each sample lands on an EP rank holding most of its experts; every position keeps
@@ -62,8 +74,7 @@ def route_aware(timesteps: torch.Tensor, owners: np.ndarray, ep_size: int, accum
     slots, batch = timesteps.shape
     flat = timesteps.reshape(-1).numpy()
     ep_of_position = np.repeat(_slot_ep_ranks(slots, accum, ep_size), batch)
-    # cost[n, r]: pairs sample n would send away from EP rank r
-    cost = np.stack([(owners[flat] != r).sum(1) for r in range(ep_size)], axis=1)
+    cost = _costs(flat, owners, ep_size)
     capacity = np.bincount(ep_of_position, minlength=ep_size)
     ordered = np.sort(cost, axis=1)
     regret = ordered[:, 1] - ordered[:, 0] if ep_size > 1 else np.zeros(len(flat), dtype=np.int64)

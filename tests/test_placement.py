@@ -12,7 +12,13 @@ import torch
 
 from switchdit_dist.diffusion import create_diffusion
 from switchdit_dist.models.switch_dit import SwitchDiT, SwitchDiTConfig
-from switchdit_dist.sample_placement import leaving_pairs, owner_table, route_aware, slot_timesteps
+from switchdit_dist.sample_placement import (
+    fewest_leaving_pairs,
+    leaving_pairs,
+    owner_table,
+    route_aware,
+    slot_timesteps,
+)
 from switchdit_dist.train.faults import FaultInjector
 from switchdit_dist.train.loop import StepRunner
 from switchdit_dist.train.seeding import derive_seed
@@ -46,6 +52,21 @@ def test_at_ep_2_the_deal_is_the_cheapest_possible():
         for perm in itertools.permutations(range(8))
     )
     assert leaving_pairs(placed, owners, 2, 1) == best
+
+
+def test_the_floor_is_the_cheapest_placement_with_free_counts():
+    owners = random_owners(60, 6, ep_size=3, seed=4)
+    drawn = torch.randint(0, 60, (3, 2), generator=torch.Generator().manual_seed(5))  # 3 ranks, accum 1
+    flat = drawn.flatten().numpy()
+    # Every sample on any rank, counts unconstrained: 3**6 placements.
+    best = min(
+        sum(int((owners[t] != r).sum()) for t, r in zip(flat, ranks, strict=True))
+        for ranks in itertools.product(range(3), repeat=len(flat))
+    )
+    floor = fewest_leaving_pairs(drawn, owners, ep_size=3)
+    assert floor == best
+    aware = leaving_pairs(route_aware(drawn, owners, 3, 1), owners, 3, 1)
+    assert floor <= aware <= leaving_pairs(drawn, owners, 3, 1)
 
 
 def test_without_expert_parallelism_nothing_moves():
@@ -111,5 +132,7 @@ def test_bench_placement_rows_add_up(tmp_path, capsys):
         ("trained", 4, 2), ("trained", 4, 4), ("untrained", 8, 2), ("untrained", 8, 4)
     ]  # fmt: skip
     for r in rows:
-        assert 0 < r["route_aware_mb_per_step"] <= r["random_mb_per_step"]
+        assert 0 <= r["floor_mb_per_step"] <= r["route_aware_mb_per_step"] <= r["random_mb_per_step"]
+        assert 0 < r["random_mb_per_step"]
         assert r["ratio"] == r["route_aware_mb_per_step"] / r["random_mb_per_step"]
+        assert r["floor_ratio"] == r["floor_mb_per_step"] / r["random_mb_per_step"]

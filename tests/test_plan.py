@@ -190,9 +190,10 @@ def test_expert_comm_weighs_tokens_against_weights(capsys):
     # The paper's configuration: 3 D x D experts are fewer bytes than 32 x 256 tokens x k=2.
     plan = xl_plan(3, ep_size=3, nodes=1, gpus_per_node=6)
     c = plan.expert_comm
-    assert c.tokens_bytes_per_block_direction == plan.alltoall.bytes_per_block_direction
-    assert c.tokens_bytes_per_block_direction == 32 * 256 * 1152 * 2 * 2 * 2 // 3
-    assert c.weights_bytes_per_block_direction == int(3 * (1152**2 + 1152) * 2 * 2 / 3)
+    # A forward pass sends the tokens out (one all-to-all) and the expert outputs back (another).
+    assert c.tokens_bytes_per_block_pass == 2 * plan.alltoall.bytes_per_block_direction
+    assert c.tokens_bytes_per_block_pass == 2 * 32 * 256 * 1152 * 2 * 2 * 2 // 3
+    assert c.weights_bytes_per_block_pass == int(3 * (1152**2 + 1152) * 2 * 2 / 3)
     assert c.chosen == "weights"
     # Many experts and a small micro-batch: the tokens are the smaller message.
     assert xl_plan(48, ep_size=8, nodes=1, gpus_per_node=8, micro_batch=2).expert_comm.chosen == "tokens"
@@ -201,7 +202,7 @@ def test_expert_comm_weighs_tokens_against_weights(capsys):
     )
     argv = ["plan", "--model", "Switch-DiT-XL/2", "--ep-size", "3", "--nodes", "1", "--gpus-per-node", "6"]
     assert main(argv) == 0
-    assert "tokens 25.17 MB, weights 5.31 MB" in capsys.readouterr().out
+    assert "tokens 50.33 MB (dispatch and combine), weights 5.31 MB" in capsys.readouterr().out
     mlp = model_config("switch-dit", "XL", 2, num_experts=4, top_k=2, expert_kind="mlp")
     with pytest.raises(UserError, match="expert_comm=weights needs linear experts"):
         make_plan(PlanInputs(mlp, "mlp", ep_size=2, expert_comm="weights"), Hardware(1, 2))

@@ -305,8 +305,9 @@ def format_table(rows: list[Row], config: MoEBenchConfig) -> str:
                     f"{auto:>9}{chosen / dense:>12.2f}{cost.tokens / 1e6:>11.2f}{cost.weights / 1e6:>12.2f}"
                 )
     lines.append(
-        "auto: what parallel.expert_comm=auto picks for this layer; MB: what one rank sends per call and "
-        "direction under each strategy (uniform routing; the backward moves as many)"
+        "auto: what parallel.expert_comm=auto picks for this layer; MB: what one rank sends in one forward "
+        "call under each strategy (tokens: out and back, uniform routing; weights: its experts; the "
+        "backward sends as many)"
     )
     return "\n".join(lines)
 

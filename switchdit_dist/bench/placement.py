@@ -4,7 +4,9 @@
 experts (``--num-experts``, ``--expert-kind``). Plain arithmetic on the routes: no process group.
 
 Per step every (sample, block, slot) pair whose expert lives on another EP rank sends one [L, D]
-block in dispatch and one back in combine, forward and backward (4 transfers)."""
+block in dispatch and one back in combine, forward and backward (4 transfers). Beside the two
+placements, the floor: what the same timesteps would send with every sample on its own cheapest EP
+rank, the ranks' equal sample counts dropped. No deal of them can send less."""
 
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ import torch
 
 from switchdit_dist.errors import UserError
 from switchdit_dist.parallel_dims import LayoutError, num_local_experts
-from switchdit_dist.sample_placement import leaving_pairs, owner_table, route_aware, slot_timesteps
+from switchdit_dist.sample_placement import (
+    fewest_leaving_pairs,
+    leaving_pairs,
+    owner_table,
+    route_aware,
+    slot_timesteps,
+)
 
 BYTES_PER_VALUE = 4  # fp32, as on CPU; bf16 halves both columns alike
 
@@ -28,10 +36,15 @@ class Row:
     ep: int
     random_mb_per_step: float
     route_aware_mb_per_step: float
+    floor_mb_per_step: float
 
     @property
     def ratio(self) -> float:
         return self.route_aware_mb_per_step / self.random_mb_per_step if self.random_mb_per_step else 1.0
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.floor_mb_per_step / self.random_mb_per_step if self.random_mb_per_step else 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +69,14 @@ def measure(model, name: str, ep: int, steps: int, micro_batch: int, accum: int,
     with torch.no_grad():
         owners = owner_table(model.route_table(torch.arange(num_timesteps)), num_local)
     pair_mb = 4 * config.num_patches * config.hidden_size * BYTES_PER_VALUE / 1e6
-    random = aware = 0
+    random = aware = floor = 0
     for step in range(1, steps + 1):
         drawn = slot_timesteps(seed, step, ep * accum, micro_batch, num_timesteps)
         random += leaving_pairs(drawn, owners, ep, accum)
         aware += leaving_pairs(route_aware(drawn, owners, ep, accum), owners, ep, accum)
-    return Row(name, config.num_experts, ep, random * pair_mb / steps, aware * pair_mb / steps)
+        floor += fewest_leaving_pairs(drawn, owners, ep)
+    mb = [pairs * pair_mb / steps for pairs in (random, aware, floor)]
+    return Row(name, config.num_experts, ep, *mb)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,13 +103,17 @@ def run(args: argparse.Namespace) -> int:
         for ep in eps
     ]
     if args.json:
-        print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=1))
+        rows_out = [asdict(r) | {"ratio": r.ratio, "floor_ratio": r.floor_ratio} for r in rows]
+        print(json.dumps(rows_out, indent=1))
         return 0
     print(f"all-to-all MB per step (micro-batch {args.micro_batch} per rank, accum {args.accum}, fp32)")
-    print(f"{'router':<50} {'E':>3} {'EP':>3} {'random':>10} {'route_aware':>12} {'ratio':>6}")
+    print("floor: every sample on its own cheapest EP rank, equal sample counts per rank dropped")
+    header = f"{'router':<50} {'E':>3} {'EP':>3} {'random':>10} {'route_aware':>12} {'ratio':>6}"
+    print(f"{header} {'floor':>8} {'floor/random':>13}")
     for r in rows:
         print(
             f"{r.router:<50} {r.num_experts:>3} {r.ep:>3} {r.random_mb_per_step:>10.2f} "
-            f"{r.route_aware_mb_per_step:>12.2f} {r.ratio:>6.2f}"
+            f"{r.route_aware_mb_per_step:>12.2f} {r.ratio:>6.2f} {r.floor_mb_per_step:>8.2f} "
+            f"{r.floor_ratio:>13.2f}"
         )
     return 0
