@@ -190,3 +190,35 @@ def test_prior_loss_end_to_end_has_gradient_to_routers():
     loss.backward()
     assert switch.blocks[0].router.gate[1].weight.grad.abs().sum() > 0
     assert topk_pattern(all_gates, 2).sum(1).eq(switch.config.depth * 2).all()
+
+
+def test_weight_mixed_linear_experts_equal_one_matmul_per_expert():
+    """``LocalExperts(mix=True)`` against the per-expert loop in float64: outputs and the gradients
+    of the input, the routing weights and every expert; then torch's own finite differences."""
+    from switchdit_dist.models.experts import LocalExperts, mixed_linear, route_coefficients
+
+    torch.manual_seed(0)
+    loop = LocalExperts(6, 4).double()
+    for expert in loop.experts:  # experts start at zero: give them something to differ by
+        torch.nn.init.normal_(expert.weight)
+        torch.nn.init.normal_(expert.bias)
+    mixed = LocalExperts(6, 4, mix=True).double()
+    mixed.load_state_dict(loop.state_dict())
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    index = torch.tensor([[0, 1], [3, 1], [2, 0], [1, 3], [0, 2]])
+    weight = torch.rand(5, 2, dtype=torch.float64)
+    grad_out = torch.randn(5, 3, 6, dtype=torch.float64)
+    grads = []
+    for experts in (loop, mixed):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = experts(xi, index, wi)
+        y.backward(grad_out)
+        params = [p.grad for p in experts.parameters()]
+        grads.append((y.detach(), xi.grad, wi.grad, *params))
+    for reference, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+
+    coeff = route_coefficients(index, weight, 4).requires_grad_()
+    w = torch.randn(4, 6, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mixed_linear, (x.clone().requires_grad_(), coeff, w, b))

@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from switchdit_dist.bench.cpu_heap import keep_freed_memory, minor_page_faults
 from switchdit_dist.devices import matmul_peak_tflops, resolve_device, synchronize
 from switchdit_dist.errors import UserError
 from switchdit_dist.models.registry import ARCHS, NAMES, SIZES, build_model, model_config
@@ -47,6 +48,7 @@ from switchdit_dist.train.step import Draws, Objective, draw
 
 PRECISIONS = ("fp32", "bf16")
 SDPA_CHOICES = ("auto", "math")
+CPU_HEAP_CHOICES = ("keep", "release")
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainBenchConfig:
     compile_backend: str = "inductor"
     sdpa: str = "auto"  # scaled_dot_product_attention backend: auto (PyTorch picks) or math
     expert_comm: str = "auto"  # parallel.expert_comm of the trainer (auto: weight mixing, linear experts)
+    cpu_heap: str = "keep"  # CPU: keep freed memory as a GPU's caching allocator does (cpu_heap.py)
     peak_matmul_size: int = 2048
     seed: int = 0
 
@@ -88,6 +91,8 @@ class TrainBenchConfig:
             raise UserError(f"--precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.sdpa not in SDPA_CHOICES:
             raise UserError(f"--sdpa: expected one of {SDPA_CHOICES}, got {self.sdpa!r}")
+        if self.cpu_heap not in CPU_HEAP_CHOICES:
+            raise UserError(f"--cpu-heap: expected one of {CPU_HEAP_CHOICES}, got {self.cpu_heap!r}")
 
 
 # A smoke-test shape: 4x4 tokens of the tiny model, one timed step.
@@ -110,6 +115,7 @@ class Row:
     peak_tflops: float  # measured matmul peak of this device and dtype
     mfu: float
     peak_mem_mib: float | None  # None: not measured (compiled variants on CPU)
+    minor_faults_per_step: float | None  # CPU: median of the timed steps' minor page faults; None on CUDA
     device: str
     precision: str
 
@@ -145,6 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="Switch-DiT's experts as the trainer's parallel.expert_comm runs them (default auto)",
     )
+    parser.add_argument(
+        "--cpu-heap",
+        choices=CPU_HEAP_CHOICES,
+        default="keep",
+        help="CPU: keep freed memory in the process as a GPU's caching allocator does (default), or "
+        "let glibc release it and every step fault its pages in again",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     parser.add_argument("--tiny", action="store_true", help="tiny model and shapes, for a quick smoke run")
 
@@ -176,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         compile=args.compile,
         sdpa=args.sdpa,
         expert_comm=args.expert_comm,
+        cpu_heap=args.cpu_heap,
     )
 
 
@@ -359,19 +373,21 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float | None]:
-    """Seconds of one step, and on CUDA the step's peak MiB (own persistent state + what it allocated)."""
+def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float]:
+    """Seconds of one step, and on CUDA the step's peak MiB (own persistent state + what it
+    allocated), on CPU its minor page faults."""
     device = runner.device
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+    faults = minor_page_faults()
     start = time.perf_counter()
     runner.step(inputs)
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.type != "cuda":
-        return seconds, None
+        return seconds, minor_page_faults() - faults
     extra = torch.cuda.max_memory_allocated(device) - before
     return seconds, (runner.persistent_bytes() + extra) / 2**20
 
@@ -431,6 +447,7 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
     batch = config.batch or largest_batch(lambda b: fits_on_gpu(eager, config, b))
     variants = [(runner, runner.compiled) for runner in runners]
     times: dict[tuple[str, bool], list[float]] = {(r.arch, c): [] for r, c in variants}
+    faults: dict[tuple[str, bool], list[float]] = {(r.arch, c): [] for r, c in variants}
     peaks: dict[tuple[str, bool], float] = {}
     for i in range(config.warmup):
         inputs = make_inputs(config, batch, i, device)
@@ -448,10 +465,13 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
     for i in range(config.steps):
         inputs = make_inputs(config, batch, config.warmup + 1 + i, device)
         for runner, compiled in variants if i % 2 == 0 else variants[::-1]:
-            seconds, peak = timed_step(runner, inputs)
-            times[(runner.arch, compiled)].append(seconds)
-            if peak is not None:
-                peaks[(runner.arch, compiled)] = max(peaks.get((runner.arch, compiled), 0.0), peak)
+            key = (runner.arch, compiled)
+            seconds, other = timed_step(runner, inputs)
+            times[key].append(seconds)
+            if device.type == "cuda":
+                peaks[key] = max(peaks.get(key, 0.0), other)
+            else:
+                faults[key].append(other)
     rows = []
     for runner, compiled in variants:
         step_s = statistics.median(times[(runner.arch, compiled)])
@@ -473,6 +493,9 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
                 peak_tflops=round(peak_tflops, 5),
                 mfu=round(achieved / peak_tflops, 5),
                 peak_mem_mib=_round_or_none(peaks.get((runner.arch, compiled)), 1),
+                minor_faults_per_step=(
+                    statistics.median(faults[(runner.arch, compiled)]) if device.type != "cuda" else None
+                ),
                 device=config.device,
                 precision=config.precision,
             )
@@ -487,10 +510,15 @@ def _round_or_none(value: float | None, digits: int) -> float | None:
 def measure_all(config: TrainBenchConfig) -> tuple[list[Row], dict]:
     device = torch.device(config.device)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    # Before anything is allocated, so that every tensor of the run comes from the heap as set here.
+    heap_kept = device.type != "cuda" and config.cpu_heap == "keep" and keep_freed_memory()
     peak = matmul_peak_tflops(device, dtype, config.peak_matmul_size)
     notes = {"threads": torch.get_num_threads(), "peak_tflops": peak, "matmul_size": config.peak_matmul_size}
     if device.type == "cuda":
         notes["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        kept = "freed memory kept (mallopt)"
+        notes["heap"] = kept if heap_kept else "freed memory released (glibc's default)"
     rows = []
     with sdpa_context(config.sdpa):
         for size in config.sizes:
@@ -512,10 +540,12 @@ def format_table(rows: list[Row], config: TrainBenchConfig, notes: dict) -> str:
         f"{precision}; {where}; attention {config.sdpa}; median of {config.steps} step(s) after "
         f"{config.warmup} warm-up",
         f"matmul peak measured in this run: {notes['peak_tflops']:.4f} TFLOP/s "
-        f"({config.precision}, {notes['matmul_size']}x{notes['matmul_size']})",
+        f"({config.precision}, {notes['matmul_size']}x{notes['matmul_size']})"
+        + (f"; CPU heap: {notes['heap']}" if "heap" in notes else ""),
         "",
         f"{'model':<17}{'compile':>8}{'batch':>6}{'params':>9}{'step ms':>10}{'img/s':>9}"
-        f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}",
+        f"{'GFLOP/img':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
+        + (f"{'faults':>9}" if "heap" in notes else ""),
     ]
     by_key = {(r.size, r.arch, r.compiled): r for r in rows}
     for size in config.sizes:
@@ -523,10 +553,11 @@ def format_table(rows: list[Row], config: TrainBenchConfig, notes: dict) -> str:
             dit, switch = by_key[(size, "dit", compiled)], by_key[(size, "switch-dit", compiled)]
             for r in (dit, switch):
                 memory = "-" if r.peak_mem_mib is None else f"{r.peak_mem_mib:.0f}"
+                faults = "" if r.minor_faults_per_step is None else f"{r.minor_faults_per_step:>9.0f}"
                 lines.append(
                     f"{r.model:<17}{'on' if compiled else 'off':>8}{r.batch:>6}{r.params / 1e6:>8.1f}M"
                     f"{r.step_ms:>10.1f}{r.images_per_s:>9.2f}{r.train_gflops_per_image:>11.2f}"
-                    f"{r.achieved_tflops:>9.4f}{r.mfu:>7.3f}{memory:>10}"
+                    f"{r.achieved_tflops:>9.4f}{r.mfu:>7.3f}{memory:>10}{faults}"
                 )
             memory_ratio = (
                 "-"
@@ -544,4 +575,6 @@ def format_table(rows: list[Row], config: TrainBenchConfig, notes: dict) -> str:
         "peak MiB: weights + optimizer state + the most the step allocates on top (CUDA: allocator peak; "
         "CPU: tensor storages of an eager step, tracked until freed)"
     )
+    if "heap" in notes:
+        lines.append("faults: minor page faults per timed step (median): pages the kernel maps and zeroes")
     return "\n".join(lines)

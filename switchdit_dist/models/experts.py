@@ -70,11 +70,13 @@ class _MixedLinear(torch.autograd.Function):
     values per layer, which at B=32, D=1152 is 170 MB in fp32); backward recomputes them at the
     cost of the mixing, E*B*D*D multiply-adds against the B*L*D*D of the matmul."""
 
+    # The mixing and its gradients are plain matrix products over flattened [E, D_out * D_in]
+    # weights (einsum would permute and copy the weights to reach the same mm).
+
     @staticmethod
     def forward(ctx, x, coeff, weight, bias):
         ctx.save_for_backward(x, coeff, weight, bias)
-        mixed = torch.einsum("be,eoi->boi", coeff, weight)
-        return torch.baddbmm((coeff @ bias).unsqueeze(1), x, mixed.transpose(1, 2))
+        return torch.baddbmm((coeff @ bias).unsqueeze(1), x, _mix(coeff, weight).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -83,16 +85,21 @@ class _MixedLinear(torch.autograd.Function):
         grad_x = grad_c = grad_w = grad_b = None
         grad_rows = grad_y.sum(1)  # [B, D_out]: the bias term's gradient per sample
         if need_x:
-            grad_x = torch.bmm(grad_y, torch.einsum("be,eoi->boi", coeff, weight))
+            grad_x = torch.bmm(grad_y, _mix(coeff, weight))
         if need_c or need_w:
-            grad_mixed = torch.bmm(grad_y.transpose(1, 2), x)  # [B, D_out, D_in]
+            grad_mixed = torch.bmm(grad_y.transpose(1, 2), x).flatten(1)  # [B, D_out * D_in]
             if need_c:
-                grad_c = torch.einsum("boi,eoi->be", grad_mixed, weight) + grad_rows @ bias.T
+                grad_c = torch.addmm(grad_rows @ bias.T, grad_mixed, weight.flatten(1).T)
             if need_w:
-                grad_w = torch.einsum("be,boi->eoi", coeff, grad_mixed)
+                grad_w = (coeff.T @ grad_mixed).view_as(weight)
         if need_b:
             grad_b = coeff.T @ grad_rows
         return grad_x, grad_c, grad_w, grad_b
+
+
+def _mix(coeff: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B, D_out, D_in]: every sample's mixed weight sum_e coeff[b, e] weight[e]."""
+    return (coeff @ weight.flatten(1)).view(coeff.shape[0], *weight.shape[1:])
 
 
 def mixed_linear(
