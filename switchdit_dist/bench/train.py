@@ -510,15 +510,20 @@ def _round_or_none(value: float | None, digits: int) -> float | None:
 def measure_all(config: TrainBenchConfig) -> tuple[list[Row], dict]:
     device = torch.device(config.device)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    # Before anything is allocated, so that every tensor of the run comes from the heap as set here.
+    # Before anything is allocated, so that every tensor of the run comes from the heap as set here
+    # (for the rest of this process: a benchmark command's own).
     heap_kept = device.type != "cuda" and config.cpu_heap == "keep" and keep_freed_memory()
     peak = matmul_peak_tflops(device, dtype, config.peak_matmul_size)
     notes = {"threads": torch.get_num_threads(), "peak_tflops": peak, "matmul_size": config.peak_matmul_size}
     if device.type == "cuda":
         notes["gpu"] = torch.cuda.get_device_name(device)
     else:
-        kept = "freed memory kept (mallopt)"
-        notes["heap"] = kept if heap_kept else "freed memory released (glibc's default)"
+        if heap_kept:
+            notes["heap"] = "freed memory kept (mallopt)"
+        elif config.cpu_heap == "keep":
+            notes["heap"] = "the C library's default (no glibc mallopt here)"
+        else:
+            notes["heap"] = "freed memory released (glibc's default)"
     rows = []
     with sdpa_context(config.sdpa):
         for size in config.sizes:
