@@ -373,9 +373,9 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float]:
-    """Seconds of one step, and on CUDA the step's peak MiB (own persistent state + what it
-    allocated), on CPU its minor page faults."""
+def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float | None, int | None]:
+    """Seconds of one step; on CUDA the step's peak MiB (own persistent state + what it allocated),
+    on CPU its minor page faults (None where the other device applies)."""
     device = runner.device
     synchronize(device)
     if device.type == "cuda":
@@ -387,9 +387,9 @@ def timed_step(runner: TrainStep, inputs: StepInputs) -> tuple[float, float]:
     synchronize(device)
     seconds = time.perf_counter() - start
     if device.type != "cuda":
-        return seconds, minor_page_faults() - faults
+        return seconds, None, minor_page_faults() - faults
     extra = torch.cuda.max_memory_allocated(device) - before
-    return seconds, (runner.persistent_bytes() + extra) / 2**20
+    return seconds, (runner.persistent_bytes() + extra) / 2**20, None
 
 
 def tracked_peak_mib(runner: TrainStep, inputs: StepInputs) -> float:
@@ -466,15 +466,16 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
         inputs = make_inputs(config, batch, config.warmup + 1 + i, device)
         for runner, compiled in variants if i % 2 == 0 else variants[::-1]:
             key = (runner.arch, compiled)
-            seconds, other = timed_step(runner, inputs)
+            seconds, peak, step_faults = timed_step(runner, inputs)
             times[key].append(seconds)
-            if device.type == "cuda":
-                peaks[key] = max(peaks.get(key, 0.0), other)
-            else:
-                faults[key].append(other)
+            if peak is not None:
+                peaks[key] = max(peaks.get(key, 0.0), peak)
+            if step_faults is not None:
+                faults[key].append(step_faults)
     rows = []
     for runner, compiled in variants:
         step_s = statistics.median(times[(runner.arch, compiled)])
+        step_faults = faults[(runner.arch, compiled)]
         flops = train_flops_per_image(runner.model_config)
         achieved = batch / step_s * flops / 1e12
         rows.append(
@@ -493,9 +494,7 @@ def measure_size(size: str, config: TrainBenchConfig, peak_tflops: float) -> lis
                 peak_tflops=round(peak_tflops, 5),
                 mfu=round(achieved / peak_tflops, 5),
                 peak_mem_mib=_round_or_none(peaks.get((runner.arch, compiled)), 1),
-                minor_faults_per_step=(
-                    statistics.median(faults[(runner.arch, compiled)]) if device.type != "cuda" else None
-                ),
+                minor_faults_per_step=statistics.median(step_faults) if step_faults else None,
                 device=config.device,
                 precision=config.precision,
             )
